@@ -1,0 +1,136 @@
+"""Saving and loading in the public BAGEL-7B-MoT directory layout.
+
+    llm_config.json   Qwen2-style config of the decoder (plus qk_norm / layer_module)
+    vit_config.json   SigLIP config; like the public file it counts SigLIP's ORIGINAL layers —
+                      the model drops the last one, so we write n + 1 and read n - 1
+    ema.safetensors   every model tensor except the autoencoder, under BAGEL's names
+    ae.safetensors    the autoencoder in the FLUX/LDM layout (none for the pixel-space AE)
+    umm_config.json   our full config (presets, special ids, AE kind); absent in the public release,
+                      where the `bagel-7b-mot` preset supplies what the JSON files do not say
+
+Loading is strict: every expected tensor must be present with its shape, and nothing else; the
+error names the file and lists missing / unexpected / mis-shaped keys. No code is executed from
+the directory (no trust_remote_code); tensors come only from safetensors.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from umm.config import LLMConfig, UMMConfig, ViTConfig, preset
+from umm.errors import CheckpointError, describe_mismatch
+from umm.model import UnifiedModel
+from umm.vae import load_ae, save_ae
+
+EMA, AE, LLM_JSON, VIT_JSON, UMM_JSON = "ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json", "umm_config.json"
+
+
+def _llm_json(cfg: LLMConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d.update(model_type="qwen2", layer_module="Qwen2MoTDecoderLayer", architectures=["Qwen2ForCausalLM"])
+    return d
+
+
+def _vit_json(cfg: ViTConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d.update(model_type="siglip_vision_model", num_hidden_layers=cfg.num_hidden_layers + 1)
+    return d
+
+
+def _pick(d: dict, cls, path: Path) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - d.keys())
+    if missing:
+        raise CheckpointError(f"{path}: missing config keys {missing}")
+    return {k: v for k, v in d.items() if k in names}
+
+
+def read_config(directory: str | Path, *, base: UMMConfig | str = "bagel-7b-mot") -> UMMConfig:
+    """Our umm_config.json if present; else the public layout's JSON files over `base`, which
+    supplies what those files do not say (AE, latent/ViT grid sizes, special token ids)."""
+    directory = Path(directory)
+    if (directory / UMM_JSON).exists():
+        return UMMConfig.load(directory / UMM_JSON)
+    for name in (LLM_JSON, VIT_JSON):
+        if not (directory / name).exists():
+            raise CheckpointError(f"{directory}: neither {UMM_JSON} nor {name} found")
+    cfg = preset(base) if isinstance(base, str) else copy.deepcopy(base)
+    llm = json.loads((directory / LLM_JSON).read_text())
+    if "rope_theta" not in llm and isinstance(llm.get("rope_parameters"), dict):
+        llm["rope_theta"] = llm["rope_parameters"].get("rope_theta")
+    vit = json.loads((directory / VIT_JSON).read_text())
+    cfg.llm = LLMConfig(**_pick(llm, LLMConfig, directory / LLM_JSON))
+    vit_kwargs = _pick(vit, ViTConfig, directory / VIT_JSON)
+    vit_kwargs["num_hidden_layers"] -= 1
+    cfg.vit = ViTConfig(**vit_kwargs)
+    return cfg.validate()
+
+
+def model_state(model: UnifiedModel) -> dict[str, torch.Tensor]:
+    """The ema.safetensors tensors: everything but the autoencoder (LoRA must be merged first)."""
+    state = model.state_dict()
+    if any(".lora_" in k or ".base_layer." in k for k in state):
+        raise CheckpointError("model has LoRA adapters; call umm.lora.merge_lora(model) before saving")
+    return {k: v for k, v in state.items() if not k.startswith("vae.")}
+
+
+def save_pretrained(model: UnifiedModel, directory: str | Path) -> Path:
+    """Write the checkpoint directory (files first to *.tmp, then renamed: never half-written)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model_state(model).items()}
+    writes = [(EMA, lambda p: save_file(state, str(p), metadata={"format": "pt"})),
+              (LLM_JSON, lambda p: p.write_text(json.dumps(_llm_json(model.cfg.llm), indent=2))),
+              (VIT_JSON, lambda p: p.write_text(json.dumps(_vit_json(model.cfg.vit), indent=2))),
+              (UMM_JSON, lambda p: model.cfg.save(p)),
+              (AE, lambda p: save_ae(model.vae, p))]
+    for name, write in writes:
+        tmp = directory / (name + ".tmp")
+        write(tmp)
+        if tmp.exists():
+            tmp.replace(directory / name)
+    return directory
+
+
+def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], *, path: Path) -> None:
+    """Raise CheckpointError naming `path` unless names and shapes match exactly."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    shapes = [f"{k} file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(expected.keys() & found.keys()) if tuple(expected[k].shape) != tuple(found[k].shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(describe_mismatch(path, missing=missing, unexpected=unexpected, shape_mismatch=shapes))
+
+
+def load_pretrained(directory: str | Path, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", base: UMMConfig | str = "bagel-7b-mot") -> UnifiedModel:
+    """Build the model from a checkpoint directory (ours, or the public BAGEL-7B-MoT one with
+    `base` filling in what its JSON files do not say). Weights are materialised straight from the
+    file (the model is built on the meta device first), so a 14B checkpoint is read once."""
+    directory = Path(directory)
+    if not (directory / EMA).exists():
+        raise CheckpointError(f"{directory / EMA}: file not found")
+    cfg = read_config(directory, base=base)
+    with torch.device("meta"):
+        model = UnifiedModel(cfg)
+    expected = model_state(model)
+    found = load_file(str(directory / EMA), device=str(device))
+    check_state(expected, found, path=directory / EMA)
+    # copy=True: fresh, aligned allocations (tensors viewing the file's buffer can take other
+    # SIMD paths and differ in the last bit) that do not pin the file in memory
+    model.load_state_dict({k: v.to(dtype=dtype, copy=True) for k, v in found.items()}, strict=False, assign=True)
+    model.vae = load_ae(directory / AE, cfg.vae).to(device=device, dtype=dtype).requires_grad_(False)
+    # non-persistent buffers (RoPE frequencies) are rebuilt, not loaded
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+    model.language_model.model.rotary_emb = Qwen2RotaryEmbedding(cfg.llm.to_qwen2()).to(device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{directory}: tensors left uninitialised after loading: {leftover[:10]}")
+    return model.eval()
