@@ -1,0 +1,167 @@
+"""The policy as GRPO sees it: think-then-draw rollouts with log-probs, and their recomputation.
+
+One trajectory = the think text (tokens, log-probs) + the image's denoising path (SDE steps inside a
+window, log-probs per step). The rollout and the learner build contexts and velocities with the
+SAME functions below (`prompt_cache`, `draw_contexts`, `velocity_fn`), so on-policy the text and
+image importance ratios equal 1 to float precision:
+
+    rollout:  cache = prompt_cache(prompts)           think ~ generate_text(cache)      logp_old
+              ctx   = draw_contexts(cache, think)     path  ~ sample_flow(velocity_fn(ctx))  logp_old
+    learner:  cache, ctx as above (under grad)        logp  = token_logprobs / recompute_logp
+
+This module imports the model (umm) and the pure math (grpo.sde, grpo.losses); no Ray, no DeepSpeed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from grpo.losses import LossStats, image_ppo_loss, text_grpo_loss, text_weight_for, trajectory_loss
+from grpo.sde import FlowTrajectory, VelocityFn, recompute_logp, sample_flow, sde_window, timestep_schedule
+from umm.context import DrawPrompt, GuidanceContexts, Text, encode_context
+from umm.generation import TextSample, generate_text, token_logprobs
+from umm.guidance import CFGConfig, guided_velocity
+from umm.model import UnifiedModel
+from umm.mot import KVCache
+
+
+@dataclass(kw_only=True)
+class ThinkConfig:
+    """Sampling of the plan written before drawing (method defaults: T 1.0, top-p 0.8)."""
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 0.8
+
+
+@dataclass(kw_only=True)
+class FlowConfig:
+    """The image sampler (RT2I defaults: 16 steps, shift 3, SDE window of 10 from step 0 or 1, a = 0.7)."""
+    num_steps: int = 16
+    shift: float = 3.0
+    window_size: int = 10
+    window_start: tuple[int, int] = (0, 1)
+    noise_level: float = 0.7
+    cfg: CFGConfig = field(default_factory=CFGConfig)
+
+
+@dataclass(kw_only=True)
+class Rollout:
+    """B think-then-draw trajectories, everything the learner needs to recompute them (fp32)."""
+    think: TextSample            # tokens/mask (B, T); logp = behaviour log-probs (B, T)
+    flow: FlowTrajectory         # latents (N+1, B, n_tokens, D); logp (K, B) of the SDE steps
+    hw: tuple[int, int]          # latent token grid
+    policy_version: int = 0
+
+
+def think_items(think: TextSample, *, eos: int) -> list[Text | None]:
+    """The written plan as context items: each row's tokens up to (not including) <|im_end|>.
+
+    A row that wrote nothing but <|im_end|> contributes no think item."""
+    items: list[Text | None] = []
+    for toks, mask in zip(think.tokens, think.mask):
+        ids = [int(t) for t in toks[mask]]
+        if ids and ids[-1] == eos:
+            ids = ids[:-1]
+        items.append(Text(ids=tuple(ids)) if ids else None)
+    return items
+
+
+def prompt_cache(model: UnifiedModel, prompts: list[DrawPrompt]) -> KVCache:
+    """The context the plan is written after: prefix (e.g. system prompt) + user text."""
+    return encode_context(model, [[*p.prefix, p.text] for p in prompts])
+
+
+def draw_contexts(model: UnifiedModel, prompts: list[DrawPrompt], cache: KVCache, thinks: list[Text | None],
+                  *, cfg: CFGConfig) -> GuidanceContexts:
+    """CFG contexts for drawing: full = cached prompt + plan; text-CFG = prefix; image-CFG (edits)."""
+    from umm.context import item_segments
+
+    rows = [item_segments(model, t) if t is not None else [] for t in thinks]
+    if all(rows):
+        full = model.encode(rows, cache=cache)
+    elif not any(rows):
+        full = cache
+    else:  # mixed: rows without a plan are re-encoded from their prompt alone
+        full = encode_context(model, [[*p.prefix, p.text, *([t] if t else [])] for p, t in zip(prompts, thinks)])
+    no_text = encode_context(model, [p.no_text() for p in prompts]) if cfg.uses_text else None
+    no_image = encode_context(model, [p.no_image() for p in prompts]) if cfg.uses_image else None
+    return GuidanceContexts(full=full, no_text=no_text, no_image=no_image)
+
+
+def velocity_fn(model: UnifiedModel, contexts: GuidanceContexts, *, hw: tuple[int, int],
+                cfg: CFGConfig) -> VelocityFn:
+    """The policy's guided velocity as grpo.sde expects it: (x, t, step_index) -> v."""
+    return lambda x, t, i: guided_velocity(model, x, t, hw=hw, contexts=contexts, cfg=cfg)
+
+
+@torch.no_grad()
+def rollout(model: UnifiedModel, prompts: list[DrawPrompt], *, hw: tuple[int, int], think: ThinkConfig | None,
+            flow: FlowConfig, generator: torch.Generator | None = None, policy_version: int = 0) -> Rollout:
+    """Write a plan (if `think`) and draw, for every prompt (repeat a prompt G times for a group)."""
+    cache = prompt_cache(model, prompts)
+    B, eos = len(prompts), model.cfg.tokens.eos
+    if think is not None:
+        sample = generate_text(model, cache, max_new_tokens=think.max_new_tokens, temperature=think.temperature,
+                               top_p=think.top_p, generator=generator)
+    else:
+        empty = torch.zeros(B, 0)
+        sample = TextSample(tokens=empty.long(), mask=empty.bool(), logp=empty, finished=torch.ones(B, dtype=torch.bool))
+    contexts = draw_contexts(model, prompts, cache, think_items(sample, eos=eos), cfg=flow.cfg)
+    timesteps = timestep_schedule(flow.num_steps, shift=flow.shift)
+    window = sde_window(flow.num_steps, window_size=flow.window_size, start_range=flow.window_start,
+                        generator=generator)
+    noise = torch.randn(B, hw[0] * hw[1], model.cfg.patch_latent_dim, generator=generator)
+    path = sample_flow(velocity_fn(model, contexts, hw=hw, cfg=flow.cfg), noise, timesteps=timesteps,
+                       sde_steps=window, noise_level=flow.noise_level, generator=generator)
+    return Rollout(think=sample, flow=path, hw=hw, policy_version=policy_version)
+
+
+def recompute(model: UnifiedModel, prompts: list[DrawPrompt], ro: Rollout, *, think: ThinkConfig | None,
+              cfg: CFGConfig) -> tuple[Tensor, Tensor]:
+    """Current-weight log-probs of a rollout: text (B, T) and image steps (K, B). Differentiable."""
+    cache = prompt_cache(model, prompts)
+    temperature = think.temperature if think is not None else 1.0
+    text_logp = (token_logprobs(model, cache, ro.think.tokens, ro.think.mask, temperature=temperature)
+                 if ro.think.tokens.shape[1] else ro.think.logp)
+    contexts = draw_contexts(model, prompts, cache, think_items(ro.think, eos=model.cfg.tokens.eos), cfg=cfg)
+    image_logp = recompute_logp(velocity_fn(model, contexts, hw=ro.hw, cfg=cfg), ro.flow)
+    return text_logp, image_logp
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """The GRPO objective's knobs (method defaults)."""
+    image_clip: float = 1e-5
+    text_clip_low: float = 0.2
+    text_clip_high: float = 0.28
+    text_level: str = "sequence"
+    mode: str = "rt2i"             # text weight: "rt2i" = all trained image steps, "srr" = one step
+
+
+@dataclass(kw_only=True)
+class LossResult:
+    loss: Tensor                   # scalar, differentiable
+    image: LossStats
+    text: LossStats | None
+    image_loss: float
+    text_loss: float
+
+
+def grpo_loss(model: UnifiedModel, prompts: list[DrawPrompt], ro: Rollout, adv: Tensor, *,
+              think: ThinkConfig | None, cfg: CFGConfig, loss: LossConfig) -> LossResult:
+    """One shared advantage per trajectory on its text tokens and every trained image step."""
+    text_logp, image_logp = recompute(model, prompts, ro, think=think, cfg=cfg)
+    step_loss, img_stats = image_ppo_loss(image_logp.T, ro.flow.logp.T, adv, clip_eps=loss.image_clip)
+    K = step_loss.shape[1]
+    step_mask = torch.ones_like(step_loss, dtype=torch.bool)
+    text_loss, txt_stats = None, None
+    if ro.think.tokens.shape[1]:
+        text_loss, txt_stats = text_grpo_loss(text_logp, ro.think.logp, ro.think.mask, adv, level=loss.text_level,
+                                              clip_low=loss.text_clip_low, clip_high=loss.text_clip_high)
+    total = trajectory_loss(image_step_loss=step_loss, image_step_mask=step_mask, text_loss=text_loss,
+                            text_weight=text_weight_for(loss.mode, K))
+    return LossResult(loss=total, image=img_stats, text=txt_stats,
+                      image_loss=float(step_loss.detach().mean()),
+                      text_loss=float(text_loss.detach().mean()) if text_loss is not None else 0.0)

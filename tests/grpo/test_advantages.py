@@ -1,0 +1,91 @@
+"""grpo.advantages against a plain python loop."""
+import math
+
+import pytest
+import torch
+
+from grpo.advantages import compute_advantages, drop_zero_variance
+
+
+def _pstd(values):
+    mu = sum(values) / len(values)
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / len(values))
+
+
+def _loop_advantages(rewards, groups, *, std_scope, eps, clip):
+    """The same definition written as loops over python floats."""
+    out = []
+    for r, g in zip(rewards, groups):
+        members = [rr for rr, gg in zip(rewards, groups) if gg == g]
+        mean = sum(members) / len(members)
+        std = _pstd(rewards) if std_scope == "batch" else _pstd(members)
+        a = (r - mean) / (std + eps)
+        if max(members) - min(members) <= 1e-8:
+            a = 0.0
+        out.append(max(-clip, min(clip, a)))
+    return out
+
+
+@pytest.mark.parametrize("std_scope", ["batch", "group"])
+def test_matches_loop_with_unequal_group_sizes(std_scope):
+    gen = torch.Generator().manual_seed(0)
+    groups = [7, 7, 7, 3, 3, 11, 11, 11, 11, 5]  # sizes 3, 2, 4, 1; ids unsorted and sparse
+    rewards = torch.rand(len(groups), generator=gen, dtype=torch.float64)
+    res = compute_advantages(rewards.float(), torch.tensor(groups), std_scope=std_scope)
+    want = _loop_advantages(rewards.float().double().tolist(), groups, std_scope=std_scope, eps=1e-4, clip=5.0)
+    assert res.adv.dtype == torch.float32 and res.adv.shape == (10,)
+    assert torch.allclose(res.adv, torch.tensor(want, dtype=torch.float32), atol=1e-5)
+    assert res.group_ids_unique.tolist() == [3, 5, 7, 11]
+    assert res.group_sizes.tolist() == [2, 1, 3, 4]
+    assert [res.group_ids_unique[i].item() for i in res.group_index] == groups
+    assert res.zero_variance_groups == [5]  # a group of one has no variance
+
+
+def test_group_means_are_removed():
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    res = compute_advantages(torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0]), groups, std_scope="group")
+    for g in (0, 1):
+        assert res.adv[groups == g].sum().abs() < 1e-5
+
+
+def test_clip_and_counts():
+    rewards = torch.tensor([0.0] * 99 + [100.0])  # one outlier: (100 - 1) / std(batch) ~ 9.9 > 5
+    res = compute_advantages(rewards, torch.zeros(100, dtype=torch.long), clip=5.0)
+    assert res.adv.max() == 5.0 and res.n_clipped == 1
+    want = _loop_advantages(rewards.tolist(), [0] * 100, std_scope="batch", eps=1e-4, clip=5.0)
+    assert torch.allclose(res.adv, torch.tensor(want), atol=1e-5)
+
+
+def test_zero_variance_reported_and_dropped():
+    rewards = torch.tensor([0.5, 0.5, 0.5, 0.1, 0.9, 0.3, 0.3])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    res = compute_advantages(rewards, groups)
+    assert res.zero_variance_groups == [0, 2] and res.n_zero_variance_samples == 5
+    assert torch.equal(res.adv[[0, 1, 2, 5, 6]], torch.zeros(5))
+    keep, n_dropped = drop_zero_variance(res)
+    assert keep.tolist() == [False, False, False, True, True, False, False] and n_dropped == 5
+    keep_all, none = drop_zero_variance(compute_advantages(torch.tensor([0.0, 1.0]), torch.tensor([4, 4])))
+    assert keep_all.all() and none == 0
+
+
+def test_all_equal_batch_gives_zero_not_nan():
+    res = compute_advantages(torch.ones(6), torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert torch.equal(res.adv, torch.zeros(6))
+
+
+@pytest.mark.parametrize(
+    "rewards,group_ids,kwargs,name",
+    [
+        (torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.long), {}, "rewards"),
+        (torch.ones(0), torch.zeros(0, dtype=torch.long), {}, "rewards"),
+        (torch.ones(3), torch.zeros(2, dtype=torch.long), {}, "group_ids"),
+        (torch.ones(3), torch.zeros(3), {}, "group_ids"),
+        (torch.tensor([1.0, float("nan")]), torch.zeros(2, dtype=torch.long), {}, "rewards"),
+        (torch.ones(3), torch.zeros(3, dtype=torch.long), {"std_scope": "prompt"}, "std_scope"),
+        (torch.ones(3), torch.zeros(3, dtype=torch.long), {"eps": -1.0}, "eps"),
+        (torch.ones(3), torch.zeros(3, dtype=torch.long), {"clip": 0.0}, "clip"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_argument(rewards, group_ids, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        compute_advantages(rewards, group_ids, **kwargs)

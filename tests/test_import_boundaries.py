@@ -1,0 +1,41 @@
+"""The layering rule: model, math and world packages never import the distributed stack, and the
+pure-math modules of grpo/ do not even import the model."""
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DISTRIBUTED = {"ray", "deepspeed", "vllm"}
+PURE_MATH = ["grpo/sde.py", "grpo/advantages.py", "grpo/losses.py", "grpo/refine.py", "grpo/precision.py"]
+
+
+def imported_roots(path: pathlib.Path) -> set[str]:
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            roots.add((node.module or "").split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize("package", ["umm", "grpo", "shapes"])
+def test_core_packages_do_not_import_the_distributed_stack(package):
+    files = list((ROOT / package).rglob("*.py"))
+    assert files, f"{package}/ has no python files"
+    for path in files:
+        bad = imported_roots(path) & DISTRIBUTED
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+@pytest.mark.parametrize("module", PURE_MATH)
+def test_pure_math_does_not_import_the_model(module):
+    bad = imported_roots(ROOT / module) & (DISTRIBUTED | {"umm", "shapes"})
+    assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_package_inits_stay_light():
+    for package in ("umm", "grpo", "shapes"):
+        init = ROOT / package / "__init__.py"
+        assert not imported_roots(init) - {"__future__"}, f"{init} imports modules"
