@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from grpo.losses import LossStats, image_ppo_loss, text_grpo_loss, text_weight_for, trajectory_loss
-from grpo.sde import FlowTrajectory, VelocityFn, recompute_logp, sample_flow, sde_window, timestep_schedule
+from grpo.sde import FlowTrajectory, VelocityFn, recompute_steps, sample_flow, sde_window, timestep_schedule
 from umm.context import DrawPrompt, GuidanceContexts, Text, encode_context
 from umm.generation import TextSample, generate_text, token_logprobs
+from umm.lora import adapters_disabled
 from umm.guidance import CFGConfig, guided_velocity
 from umm.model import UnifiedModel
 from umm.mot import KVCache
@@ -118,16 +119,47 @@ def rollout(model: UnifiedModel, prompts: list[DrawPrompt], *, hw: tuple[int, in
     return Rollout(think=sample, flow=path, hw=hw, policy_version=policy_version)
 
 
+@dataclass(kw_only=True)
+class Recomputed:
+    """Current-weight scores of a rollout (differentiable) and, if asked, the reference's."""
+    text_logp: Tensor              # (B, T)
+    image_logp: Tensor             # (K, B)
+    text_logp_ref: Tensor | None   # (B, T), base weights (LoRA off), no grad
+    image_kl: Tensor | None        # (K, B), per-step KL to the base weights' transition
+
+
 def recompute(model: UnifiedModel, prompts: list[DrawPrompt], ro: Rollout, *, think: ThinkConfig | None,
-              cfg: CFGConfig) -> tuple[Tensor, Tensor]:
-    """Current-weight log-probs of a rollout: text (B, T) and image steps (K, B). Differentiable."""
-    cache = prompt_cache(model, prompts)
+              cfg: CFGConfig, reference: bool = False) -> Recomputed:
+    """Re-score a rollout with the current weights through the rollout's own code path.
+
+    reference=True also scores it under the base weights (every LoRA adapter off), for the KL terms;
+    the model must then carry LoRA, else the reference would be the policy itself."""
     temperature = think.temperature if think is not None else 1.0
-    text_logp = (token_logprobs(model, cache, ro.think.tokens, ro.think.mask, temperature=temperature)
-                 if ro.think.tokens.shape[1] else ro.think.logp)
-    contexts = draw_contexts(model, prompts, cache, think_items(ro.think, eos=model.cfg.tokens.eos), cfg=cfg)
-    image_logp = recompute_logp(velocity_fn(model, contexts, hw=ro.hw, cfg=cfg), ro.flow)
-    return text_logp, image_logp
+    has_text = ro.think.tokens.shape[1] > 0
+    eos = model.cfg.tokens.eos
+
+    def score(*, grad: bool):
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            cache = prompt_cache(model, prompts)
+            text_logp = (token_logprobs(model, cache, ro.think.tokens, ro.think.mask, temperature=temperature)
+                         if has_text else ro.think.logp)
+            contexts = draw_contexts(model, prompts, cache, think_items(ro.think, eos=eos), cfg=cfg)
+        return text_logp, velocity_fn(model, contexts, hw=ro.hw, cfg=cfg)
+
+    text_logp, policy_v = score(grad=True)
+    text_ref, ref_v = None, None
+    if reference:
+        with adapters_disabled(model) as n_adapters:
+            if n_adapters == 0:
+                raise ValueError("a KL reference needs LoRA adapters (the reference is the base weights)")
+            text_ref, ref_ctx_v = score(grad=False)
+
+        def ref_v(x, t, i):
+            with adapters_disabled(model):
+                return ref_ctx_v(x, t, i)
+    scores = recompute_steps(policy_v, ro.flow, ref_velocity_fn=ref_v)
+    return Recomputed(text_logp=text_logp, image_logp=scores.logp,
+                      text_logp_ref=text_ref.detach() if text_ref is not None else None, image_kl=scores.kl)
 
 
 @dataclass(kw_only=True)
@@ -138,6 +170,12 @@ class LossConfig:
     text_clip_high: float = 0.28
     text_level: str = "sequence"
     mode: str = "rt2i"             # text weight: "rt2i" = all trained image steps, "srr" = one step
+    image_kl_weight: float = 0.0   # beta on ||mu - mu_ref||^2 / (2 sigma^2), reference = LoRA off
+    text_kl_weight: float = 0.0    # beta on the k3 estimator of KL(policy || reference)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.image_kl_weight > 0 or self.text_kl_weight > 0
 
 
 @dataclass(kw_only=True)
@@ -152,14 +190,17 @@ class LossResult:
 def grpo_loss(model: UnifiedModel, prompts: list[DrawPrompt], ro: Rollout, adv: Tensor, *,
               think: ThinkConfig | None, cfg: CFGConfig, loss: LossConfig) -> LossResult:
     """One shared advantage per trajectory on its text tokens and every trained image step."""
-    text_logp, image_logp = recompute(model, prompts, ro, think=think, cfg=cfg)
-    step_loss, img_stats = image_ppo_loss(image_logp.T, ro.flow.logp.T, adv, clip_eps=loss.image_clip)
+    r = recompute(model, prompts, ro, think=think, cfg=cfg, reference=loss.needs_reference)
+    step_loss, img_stats = image_ppo_loss(r.image_logp.T, ro.flow.logp.T, adv, clip_eps=loss.image_clip,
+                                          kl=r.image_kl.T if r.image_kl is not None else None,
+                                          kl_weight=loss.image_kl_weight)
     K = step_loss.shape[1]
     step_mask = torch.ones_like(step_loss, dtype=torch.bool)
     text_loss, txt_stats = None, None
     if ro.think.tokens.shape[1]:
-        text_loss, txt_stats = text_grpo_loss(text_logp, ro.think.logp, ro.think.mask, adv, level=loss.text_level,
-                                              clip_low=loss.text_clip_low, clip_high=loss.text_clip_high)
+        text_loss, txt_stats = text_grpo_loss(r.text_logp, ro.think.logp, ro.think.mask, adv, level=loss.text_level,
+                                              clip_low=loss.text_clip_low, clip_high=loss.text_clip_high,
+                                              logp_ref=r.text_logp_ref, kl_weight=loss.text_kl_weight)
     total = trajectory_loss(image_step_loss=step_loss, image_step_mask=step_mask, text_loss=text_loss,
                             text_weight=text_weight_for(loss.mode, K))
     return LossResult(loss=total, image=img_stats, text=txt_stats,

@@ -284,22 +284,50 @@ def sample_flow(
     )
 
 
-def recompute_logp(velocity_fn: VelocityFn, traj: FlowTrajectory, *, steps: list[int] | None = None) -> Tensor:
-    """Log-probs (K, B) of the stored SDE transitions under velocity_fn (with grad, for the learner).
+@dataclass(frozen=True, kw_only=True)
+class StepScores:
+    """Learner-side scores of stored SDE transitions, in the order of the steps asked for."""
+
+    logp: Tensor  # (K, B) mean-over-elements log-prob under the current velocity (differentiable)
+    kl: Tensor | None  # (K, B) KL to the reference transition (kl_to_reference), if a reference was given
+
+
+def recompute_steps(
+    velocity_fn: VelocityFn,
+    traj: FlowTrajectory,
+    *,
+    ref_velocity_fn: VelocityFn | None = None,
+    steps: list[int] | None = None,
+) -> StepScores:
+    """Score the stored SDE transitions under velocity_fn (with grad, for the learner).
 
     steps defaults to traj.sde_steps and must be a subset of it (ODE steps carry no log-prob).
-    With the rollout's velocity_fn and weights the result equals traj.logp (ratio 1 on-policy).
+    With the rollout's velocity_fn and weights, logp equals traj.logp (ratio 1 on-policy).
+    ref_velocity_fn (e.g. the base weights, LoRA off; evaluated without grad) adds the per-step
+    KL ||mu_theta - mu_ref||^2 / (2 std^2) of the same transition.
     """
     steps = list(traj.sde_steps) if steps is None else list(steps)
     if not set(steps) <= set(traj.sde_steps):
         raise ValueError(f"steps must be a subset of traj.sde_steps {traj.sde_steps}, got {steps}")
     if not traj.noise_level > 0:
         raise ValueError(f"traj.noise_level must be > 0 to score transitions, got {traj.noise_level!r}")
-    t_cap, out = traj.t_cap, []
+    t_cap, logps, kls = traj.t_cap, [], []
     for i in steps:
         x, t, t_next = traj.latents[i], traj.timesteps[i], traj.timesteps[i + 1]
-        logp, _, _ = step_logp(
+        logp, mean, std = step_logp(
             x, velocity_fn(x, t, i), t, t_next, traj.latents[i + 1], noise_level=traj.noise_level, t_cap=t_cap
         )
-        out.append(logp)
-    return torch.stack(out) if out else torch.zeros(0, traj.latents.shape[1], device=traj.latents.device)
+        logps.append(logp)
+        if ref_velocity_fn is not None:
+            with torch.no_grad():
+                mean_ref, _ = sde_mean_std(x, ref_velocity_fn(x, t, i), t, t_next,
+                                           noise_level=traj.noise_level, t_cap=t_cap)
+            kls.append(kl_to_reference(mean, mean_ref, std))
+    empty = torch.zeros(0, traj.latents.shape[1], device=traj.latents.device)
+    return StepScores(logp=torch.stack(logps) if logps else empty,
+                      kl=(torch.stack(kls) if kls else empty) if ref_velocity_fn is not None else None)
+
+
+def recompute_logp(velocity_fn: VelocityFn, traj: FlowTrajectory, *, steps: list[int] | None = None) -> Tensor:
+    """Log-probs (K, B) of the stored SDE transitions under velocity_fn (see `recompute_steps`)."""
+    return recompute_steps(velocity_fn, traj, steps=steps).logp

@@ -8,6 +8,8 @@ matched zero modules, and returns the exact list it wrapped.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
@@ -110,3 +112,21 @@ def merge_lora(model: nn.Module) -> int:
             setattr(parent, attr, module.get_base_layer())
             merged += 1
     return merged
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[int]:
+    """Run the base weights (the KL reference): every adapter off inside the block, back on after.
+
+    Yields how many adapter layers were switched off (0 means the model has no LoRA: the
+    "reference" would then be the policy itself, which callers should treat as an error)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.enable_adapters(True)

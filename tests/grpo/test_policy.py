@@ -32,7 +32,8 @@ def test_on_policy_ratio_is_one_for_text_and_every_trained_step(batch):
     assert ro.flow.logp.shape == (FLOW.window_size, batch)
     assert ro.flow.latents.dtype == torch.float32 and ro.think.logp.dtype == torch.float32
     with torch.no_grad():
-        text_logp, image_logp = recompute(model, prompts, ro, think=THINK, cfg=FLOW.cfg)
+        r = recompute(model, prompts, ro, think=THINK, cfg=FLOW.cfg)
+    text_logp, image_logp = r.text_logp, r.image_logp
     seq_ratio = torch.exp(((text_logp - ro.think.logp) * ro.think.mask).sum(1) / ro.think.mask.sum(1))
     assert (seq_ratio - 1).abs().max() < 1e-6
     assert (torch.exp(image_logp - ro.flow.logp) - 1).abs().max() < 1e-6
@@ -67,7 +68,8 @@ def test_one_step_moves_text_and_image_logprobs_with_the_advantage(sign):
     adv = torch.tensor([sign, 0.0])             # only trajectory 0 carries a signal
     _step(model, prompts, ro, adv, lr=1e-3)
     with torch.no_grad():
-        text_logp, image_logp = recompute(model, prompts, ro, think=THINK, cfg=FLOW.cfg)
+        r = recompute(model, prompts, ro, think=THINK, cfg=FLOW.cfg)
+    text_logp, image_logp = r.text_logp, r.image_logp
     d_text = ((text_logp - ro.think.logp) * ro.think.mask).sum(1)
     d_image = (image_logp - ro.flow.logp).mean(0)
     assert sign * d_text[0] > 0, d_text
@@ -102,3 +104,36 @@ def test_lora_training_reaches_both_experts():
     gen = [g for n, g in grads.items() if "_moe_gen" in n and g is not None and g.abs().sum() > 0]
     assert und and gen
     assert res.image.ratio_max == pytest.approx(1.0, abs=1e-6) and res.text.ratio_max == pytest.approx(1.0, abs=1e-6)
+
+
+def test_kl_to_the_base_weights_is_zero_at_init_and_pulls_back_after_drift():
+    from umm.lora import LoRAConfig, apply_lora, lora_parameters
+    model = tiny_model()
+    apply_lora(model, LoRAConfig(rank=2, alpha=4))
+    prompts = _prompts(2)
+    ro = _rollout(model, prompts)
+    r = recompute(model, prompts, ro, think=THINK, cfg=FLOW.cfg, reference=True)
+    assert r.image_kl.abs().max() < 1e-10                  # lora_B = 0: policy == reference
+    torch.testing.assert_close(r.text_logp_ref, r.text_logp.detach())
+    with torch.no_grad():
+        for n, p in lora_parameters(model).items():
+            if ".lora_B." in n:
+                p.normal_(0, 0.1)                         # the policy drifts away from the base
+    cfg = LossConfig(image_kl_weight=1.0, text_kl_weight=1.0)
+    res = grpo_loss(model, prompts, ro, torch.zeros(2), think=THINK, cfg=FLOW.cfg, loss=cfg)
+    assert res.image.kl > 0 and res.text.kl > 0
+    res.loss.backward()
+    params = list(lora_parameters(model).values())
+    with torch.no_grad():
+        for p in params:
+            p -= 0.5 * p.grad                               # with A = 0 only the KL acts: back to base
+    r2 = recompute(model, prompts, ro, think=THINK, cfg=FLOW.cfg, reference=True)
+    assert float(r2.image_kl.mean().detach()) < res.image.kl
+
+
+def test_kl_reference_requires_lora():
+    model = tiny_model()
+    prompts = _prompts(1)
+    ro = _rollout(model, prompts)
+    with pytest.raises(ValueError, match="LoRA"):
+        recompute(model, prompts, ro, think=THINK, cfg=FLOW.cfg, reference=True)
