@@ -143,3 +143,33 @@ def test_missing_files_and_lora_state_are_refused(tmp_path):
     apply_lora(model, LoRAConfig(rank=2, alpha=4))
     with pytest.raises(CheckpointError, match="merge_lora"):
         save_pretrained(model, tmp_path / "x")
+
+
+def test_bagel_7b_mot_preset_has_the_public_checkpoint_structure():
+    """Built on the meta device (no memory): the exact public tensor names and key shapes."""
+    from umm.model import UnifiedModel
+    from umm.checkpoint import model_state
+    with torch.device("meta"):
+        model = UnifiedModel(preset("bagel-7b-mot"))
+    state = model_state(model)
+    assert sorted(state) == sorted(bagel_tensor_names(28, 26))
+    shapes = {
+        "language_model.model.embed_tokens.weight": (152064, 3584),
+        "language_model.model.layers.0.self_attn.q_proj.weight": (3584, 3584),
+        "language_model.model.layers.0.self_attn.k_proj_moe_gen.weight": (512, 3584),  # 4 kv heads x 128
+        "language_model.model.layers.0.self_attn.q_norm.weight": (128,),
+        "language_model.model.layers.27.mlp_moe_gen.down_proj.weight": (3584, 18944),
+        "vit_model.vision_model.embeddings.patch_embedding.weight": (1152, 14 * 14 * 3),
+        "vit_model.vision_model.embeddings.position_embedding.weight": (70 * 70, 1152),
+        "connector.fc1.weight": (3584, 1152),
+        "vit_pos_embed.pos_embed": (70 * 70, 3584),
+        "latent_pos_embed.pos_embed": (64 * 64, 3584),
+        "vae2llm.weight": (3584, 2 * 2 * 16),
+        "llm2vae.weight": (2 * 2 * 16, 3584),
+        "time_embedder.mlp.0.weight": (3584, 256),
+    }
+    for k, shape in shapes.items():
+        assert tuple(state[k].shape) == shape, k
+    n_params = sum(v.numel() for v in state.values())
+    assert 14.0e9 < n_params < 14.8e9          # "7B active, 14B total"
+    assert model.vae.kl.config.latent_channels == 16

@@ -141,3 +141,18 @@ def test_cfg_config_errors_name_the_key():
             guided_velocity(model, torch.zeros(1, 4, 16), 0.5, hw=(2, 2), contexts=ctx, cfg=CFGConfig())
     with pytest.raises(ValueError, match="input image"):
         encode_guidance(model, [DrawPrompt(text=Text(ids=(5,)))], text_cfg=True, image_cfg=True)
+
+
+def test_the_model_can_answer_about_an_image():
+    """Understanding path end to end: SigLIP tokens in the context condition the reply."""
+    model = tiny_model()
+    question = Text(ids=(40, 41, 42))
+    with torch.no_grad():
+        def first_token_logits(img):
+            cache = encode_context(model, [[Image(pixels=img, vae=False, vit=True), question]])
+            s = generate_text(model, cache, max_new_tokens=3, temperature=0.0)
+            return s, token_logprobs(model, cache, s.tokens, s.mask)
+        s1, lp1 = first_token_logits(rand_image(8, 8, seed=1))
+        s2, lp2 = first_token_logits(rand_image(8, 8, seed=2))
+    assert s1.tokens.shape[1] >= 1
+    assert not torch.equal(lp1[:, 0], lp2[:, 0])    # the answer depends on the image
