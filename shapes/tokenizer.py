@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
-from shapes import edits, facts, prompts
+from shapes import chat, edits, facts, prompts
 from shapes.questions import AtomicQuestion
 from shapes.world import COLOUR_NAMES, NUMBER_WORDS, RELATIONS, SHAPES, plural
 
@@ -62,7 +62,7 @@ def corpus_texts() -> list[str]:
     texts += [" ".join(SHAPES), " ".join(plural(s) for s in SHAPES), " ".join(COLOUR_NAMES),
               " ".join(NUMBER_WORDS.values()), "a an the and with", " ".join(ANSWER_WORDS)]
     texts += [f.phrase for f in facts.FACTS] + [f.question for f in facts.FACTS] + [f.answer for f in facts.FACTS]
-    texts += _question_texts()
+    texts += _question_texts() + list(chat.TEXTS)
     return texts
 
 

@@ -209,7 +209,22 @@ def _bagel_7b_mot() -> UMMConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "bagel-7b-mot": _bagel_7b_mot}
+def _shapes() -> UMMConfig:
+    # The embedded world's policy: pixel-space "AE" (2x2 space-to-depth) + 2x2 latent patches = 4x4-pixel
+    # tokens, 64 per 32 px image; ids match shapes.tokenizer (vocab 155, padded to 160).
+    return UMMConfig(
+        llm=LLMConfig(vocab_size=160, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0,
+                      max_position_embeddings=1024),
+        vit=ViTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                      patch_size=8),   # 16 understanding tokens per 32 px image
+        vae=VAEConfig(kind="pixel", downsample=2, z_channels=12, scaling_factor=1.0, shift_factor=0.0),
+        tokens=SpecialTokens(pad=0, bos=1, eos=2, start_of_image=3, end_of_image=4),
+        latent_patch_size=2, max_latent_size=16, vit_max_num_patch_per_side=16,
+    )
+
+
+PRESETS = {"tiny": _tiny, "shapes": _shapes, "bagel-7b-mot": _bagel_7b_mot}
 
 
 def preset(name: str) -> UMMConfig:

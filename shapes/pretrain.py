@@ -1,0 +1,222 @@
+"""Pretrain the embedded world's policy from scratch: `python -m shapes.pretrain [--minutes 100]`.
+
+A miniature of BAGEL's pretraining on rendered data (see shapes.pretrain_data for the mixture):
+flow matching on drawn/edited images (x_t = (1-t)·x0 + t·noise, target v = noise - x0, t from a
+logit-normal) plus next-token cross-entropy on the assistant's turns. Every step mixes all tasks in
+one packed batch through the same model code the RL trainer uses. AdamW with warm-up and cosine
+decay; the checkpoint holds the EMA weights. Seeded and reproducible on a given machine.
+
+The result (safetensors + configs + tokenizer, ~8 MB) is what `make run` starts from
+(checkpoints/shapes-base); this command reproduces it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from shapes.pretrain_data import TASKS, Example, ImagePart, TextPart, make_example
+from shapes.tokenizer import build_tokenizer, save as save_tokenizer
+from umm.checkpoint import save_pretrained
+from umm.config import preset
+from umm.model import UnifiedModel
+from umm.sequence import Segment
+
+
+@dataclass(kw_only=True)
+class PretrainConfig:
+    """Pretraining hyper-parameters (defaults: the shipped checkpoint's recipe)."""
+    steps: int = 24000                 # optimizer steps (the run also stops at `minutes`)
+    minutes: float = 0.0               # wall-clock budget; 0 = no limit
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05         # cosine decays to lr * min_lr_ratio
+    warmup: int = 300
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema: float = 0.999
+    ce_weight: float = 0.25            # text cross-entropy relative to the flow MSE
+    cfg_dropout: float = 0.1           # drop the conditioning text of a drawing (for CFG)
+    canvas_size: int = 32
+    task_weights: tuple[float, ...] = (0.44, 0.24, 0.08, 0.08, 0.09, 0.07)   # in shapes.pretrain_data.TASKS order
+    seed: int = 0
+    threads: int = 2
+    eval_every: int = 2000             # steps between quick judge checks (0 = never)
+    out: str = "checkpoints/shapes-base"
+
+
+def target_segments(model: UnifiedModel, ex: Example, *, gen: torch.Generator):
+    """Segments of one example plus its training targets: (segments, text_targets, flow_targets).
+
+    text target: (segment index, ids to predict); flow target: (segment index, v target (N, D))."""
+    tok = model.cfg.tokens
+    segs: list[Segment] = []
+    text_t, flow_t = [], []
+    for part in ex.parts:
+        if isinstance(part, TextPart):
+            if part.target:
+                text_t.append((len(segs), part.ids + [tok.eos]))
+            segs.append(model.text_segment([tok.bos, *part.ids, tok.eos]))
+            continue
+        tokens, hw = model.image_to_tokens(part.pixels[None])
+        x0 = tokens[0]
+        if part.target:
+            t = torch.sigmoid(torch.randn((), generator=gen))
+            s = model.cfg.timestep_shift
+            t = s * t / (1 + (s - 1) * t)
+            noise = torch.randn(x0.shape, generator=gen)
+            flow_t.append((len(segs), noise - x0))
+            segs.append(model.latent_segment((1 - t) * x0 + t * noise, t=t, hw=hw, hidden_from_later=True))
+            continue
+        if part.vae:
+            segs.append(model.latent_segment(x0, t=0.0, hw=hw))
+        if part.vit:
+            segs.append(model.vit_segment(part.pixels))
+    return segs, text_t, flow_t
+
+
+def length_buckets(lengths: list[int], *, slack: float = 1.25) -> list[list[int]]:
+    """Split row indices into buckets of similar length (longest first) so that padding stays within
+    `slack` x the real tokens of each bucket: one long edit row must not pad 31 short rows."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and lengths[buckets[-1][0]] * (len(buckets[-1]) + 1) <= slack * (
+                sum(lengths[j] for j in buckets[-1]) + lengths[i]):
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
+def batch_loss(model: UnifiedModel, examples: list[Example], *, gen: torch.Generator,
+               ce_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flow MSE (mean over target latent elements) + ce_weight * text CE (mean over target tokens)."""
+    per_row = [target_segments(model, ex, gen=gen) for ex in examples]
+    flow_pred, flow_true, text_h, text_y = [], [], [], []
+    for bucket in length_buckets([sum(len(s) for s in segs) for segs, _, _ in per_row]):
+        hidden, packed, _ = model.run([per_row[b][0] for b in bucket])
+        for r, b in enumerate(bucket):
+            _, text_t, flow_t = per_row[b]
+            for i, v in flow_t:          # latent tokens sit between the two image markers
+                start, end = packed.spans[r][i]
+                flow_pred.append(hidden[r, start + 1:end - 1])
+                flow_true.append(v)
+            for i, ids in text_t:        # position j of [bos w1 .. wn eos] predicts token j + 1
+                start, end = packed.spans[r][i]
+                text_h.append(hidden[r, start:end - 1])
+                text_y += ids
+    zero = torch.zeros(())
+    mse = F.mse_loss(model.llm2vae(torch.cat(flow_pred)).float(), torch.cat(flow_true)) if flow_pred else zero
+    ce = F.cross_entropy(model.text_logits(torch.cat(text_h)), torch.tensor(text_y)) if text_h else zero
+    return mse + ce_weight * ce, {"mse": float(mse.detach()), "ce": float(ce.detach())}
+
+
+def lr_at(step: int, cfg: PretrainConfig, *, elapsed_min: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay over the run: the run's progress is the larger of its step
+    fraction and (with a `minutes` budget) its time fraction, so a time-capped run still anneals."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.minutes:
+        frac = max(frac, elapsed_min / cfg.minutes)
+    frac = min(1.0, frac)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def build_optimizer(model: UnifiedModel, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+
+
+def pretrain(cfg: PretrainConfig, *, model: UnifiedModel | None = None, progress: bool = True,
+             on_eval=None) -> tuple[UnifiedModel, list[dict]]:
+    """Train; returns the EMA model and the per-step log. `on_eval(ema_model, step)` is called every
+    `eval_every` steps (the CLI passes a quick judge check)."""
+    if len(cfg.task_weights) != len(TASKS):
+        raise ValueError(f"task_weights: need {len(TASKS)} weights for {TASKS}, got {len(cfg.task_weights)}")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    tok = build_tokenizer()
+    if model is None:
+        model = UnifiedModel(preset("shapes"))
+    if tok.get_vocab_size() > model.cfg.llm.vocab_size:
+        raise ValueError(f"tokenizer has {tok.get_vocab_size()} ids > model vocab {model.cfg.llm.vocab_size}")
+    model.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = build_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    log: list[dict] = []
+    start = time.time()
+    bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress, mininterval=2.0)
+    for step in bar:
+        if cfg.minutes and time.time() - start > cfg.minutes * 60:
+            bar.write(f"time budget of {cfg.minutes} min reached at step {step}")
+            break
+        lr = lr_at(step, cfg, elapsed_min=(time.time() - start) / 60)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        tasks = rng.choices(TASKS, cfg.task_weights, k=cfg.batch_size)
+        examples = [make_example(t, rng, tok, canvas_size=cfg.canvas_size, cfg_dropout=cfg.cfg_dropout)
+                    for t in tasks]
+        loss, parts = batch_loss(model, examples, gen=gen, ce_weight=cfg.ce_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(p, 1 - cfg.ema)
+        log.append({"step": step, "loss": float(loss.detach()), **parts, "grad_norm": grad_norm, "lr": lr})
+        if step % 20 == 0:
+            bar.set_postfix(mse=f"{parts['mse']:.4f}", ce=f"{parts['ce']:.3f}")
+        if on_eval is not None and cfg.eval_every and step > 0 and step % cfg.eval_every == 0:
+            on_eval(ema, step)
+    return ema, log
+
+
+def save_run(model: UnifiedModel, cfg: PretrainConfig, log: list[dict], out: str | Path) -> Path:
+    out = Path(out)
+    save_pretrained(model, out)
+    save_tokenizer(build_tokenizer(), out / "tokenizer.json")
+    (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if log:
+        (out / "pretrain_log.json").write_text(json.dumps(log[::100] + log[-1:]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(PretrainConfig):
+        if f.name == "task_weights":
+            continue
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    args = ap.parse_args(argv)
+    cfg = PretrainConfig(**{k: v for k, v in vars(args).items()})
+    print(json.dumps(dataclasses.asdict(cfg)))
+    from shapes.evaluate import quick_check
+
+    def on_eval(ema_model, step):
+        print(f"step {step}: {quick_check(ema_model)}", flush=True)
+        save_run(ema_model, cfg, [], cfg.out)          # a usable checkpoint at every check
+
+    ema, log = pretrain(cfg, on_eval=on_eval)
+    out = save_run(ema, cfg, log, cfg.out)
+    print(f"saved {out} after {len(log)} steps; final: {quick_check(ema)}")
+
+
+if __name__ == "__main__":
+    main()

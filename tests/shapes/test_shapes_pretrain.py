@@ -1,0 +1,96 @@
+"""Pretraining data, the held-out benchmark, and a short pretraining run that learns."""
+import random
+from collections import Counter
+
+import torch
+
+from shapes.benchmark import CATEGORIES, PROMPTS_PER_CATEGORY, benchmark_prompts, is_held_out
+from shapes.judge import judge
+from shapes.pretrain import PretrainConfig, batch_loss, length_buckets, pretrain
+from shapes.pretrain_data import TASKS, ImagePart, TextPart, draw_prompt, make_example
+from shapes.scene import render
+from shapes.tokenizer import build_tokenizer, decode, normalise
+from umm.config import preset
+from umm.model import UnifiedModel
+
+
+def test_benchmark_is_fixed_and_never_drawn_in_training():
+    bench = benchmark_prompts()
+    assert bench == benchmark_prompts()                   # deterministic (cached and re-derivable)
+    counts = Counter(p.family for p in bench)
+    assert set(counts) == set(CATEGORIES) and set(counts.values()) == {PROMPTS_PER_CATEGORY}
+    held = {normalise(p.text) for p in bench if p.family != "edit"}
+    rng = random.Random(5)
+    drawn = [draw_prompt(rng, canvas_size=32) for _ in range(3000)]
+    assert not {normalise(p.text) for p in drawn} & held
+    assert all(is_held_out(p.text, family=p.family) for p in bench if p.family != "edit")
+
+
+def test_pretraining_captions_are_skewed_like_real_data():
+    rng = random.Random(0)
+    drawn = [draw_prompt(rng, canvas_size=32) for _ in range(3000)]
+    fam = Counter(p.family for p in drawn)
+    assert fam["single_object"] + fam["colors"] > 0.5 * len(drawn)
+    assert fam["position"] < 0.06 * len(drawn)
+    big_counts = sum(1 for p in drawn if p.family == "counting" and p.meaning.objects[0].count >= 3)
+    assert big_counts < 0.03 * len(drawn)
+    assert not any(p.family.startswith("implicit") for p in drawn)   # facts only as text QA
+
+
+def test_examples_are_well_formed_chat_rows():
+    tok = build_tokenizer()
+    rng = random.Random(1)
+    for task in TASKS:
+        for _ in range(20):
+            ex = make_example(task, rng, tok, canvas_size=32, cfg_dropout=0.0)
+            targets = [p for p in ex.parts if p.target]
+            assert len(targets) == (2 if task == "t2i_think" else 1), task   # think: plan + image
+            if task in ("t2i", "t2i_think", "edit"):
+                assert isinstance(ex.parts[-1], ImagePart) and ex.parts[-1].target
+            else:
+                assert isinstance(ex.parts[-1], TextPart) and decode(tok, ex.parts[-1].ids).startswith("assistant")
+            for p in ex.parts:
+                if isinstance(p, TextPart):
+                    assert 7 not in p.ids, decode(tok, p.ids)            # no <unk>
+                else:
+                    assert p.pixels.shape == (3, 32, 32) and -1 <= p.pixels.min() and p.pixels.max() <= 1
+    ex = make_example("t2i_think", random.Random(2), tok, canvas_size=32, cfg_dropout=0.0)
+    think = decode(tok, ex.parts[2].ids, skip_special=False)
+    assert think.startswith("assistant <think>") and think.endswith("</think>")
+
+
+def test_length_buckets_limit_padding():
+    lengths = [200, 80, 78, 82, 15, 16, 79, 199]
+    buckets = length_buckets(lengths, slack=1.25)
+    assert sorted(i for b in buckets for i in b) == list(range(8))
+    for b in buckets:
+        assert max(lengths[i] for i in b) * len(b) <= 1.25 * sum(lengths[i] for i in b)
+
+
+def test_a_short_pretraining_run_lowers_both_losses():
+    torch.manual_seed(0)
+    model = UnifiedModel(preset("shapes"))
+    tok = build_tokenizer()
+    rng = random.Random(123)
+    held = [make_example(t, rng, tok, canvas_size=32, cfg_dropout=0.0) for t in TASKS for _ in range(2)]
+
+    def losses():
+        with torch.no_grad():
+            _, parts = batch_loss(model, held, gen=torch.Generator().manual_seed(7), ce_weight=0.25)
+        return parts
+
+    before = losses()
+    cfg = PretrainConfig(steps=25, batch_size=8, warmup=5, lr=2e-3, eval_every=0, threads=1)
+    _, log = pretrain(cfg, model=model, progress=False)
+    after = losses()
+    assert len(log) == 25 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert after["mse"] < before["mse"] and after["ce"] < 0.7 * before["ce"]
+
+
+def test_judge_parses_rendered_training_targets():
+    """The flow targets are real renders the judge reads (sanity of the data pipeline)."""
+    rng = random.Random(3)
+    from shapes.layout import sample_scene
+    for _ in range(20):
+        p = draw_prompt(rng, canvas_size=32)
+        assert judge(render(sample_scene(p.meaning, rng, canvas_size=32)), p.meaning).correct
