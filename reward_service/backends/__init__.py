@@ -1,0 +1,1 @@
+"""Decomposer and verifier backends; each module imports only what its own backend needs."""

@@ -1,0 +1,108 @@
+"""Aggregation modes, parent rules, the audit record, and yes/no probabilities from log-probs."""
+import json
+import math
+
+import pytest
+
+from reward_service.aggregate import aggregate, yes_from_text, yes_probability
+from reward_service.schema import DecomposerVersion, Question, QuestionSet, prompt_key
+
+V = DecomposerVersion(name="test", template_version="t1")
+
+
+def qset(*spec):
+    """spec: (id, kind, parents) triples."""
+    cats = {"semantic": "existence", "quality": "geometry"}
+    return QuestionSet(prompt="p", prompt_hash=prompt_key("p"), version=V,
+                       questions=tuple(Question(id=i, text=f"{i}?", kind=k, category=cats[k], parents=ps)
+                                       for i, k, ps in spec))
+
+
+DSG = qset(("e", "semantic", ()), ("a", "semantic", ("e",)), ("g", "semantic", ("a",)),
+           ("q1", "quality", ()), ("q2", "quality", ()))
+
+
+def test_modes():
+    scores = [0.9, 0.5, 0.7, 1.0, 0.6]
+    sem, qual = (0.9 + 0.5 + 0.7) / 3, 0.8
+    assert aggregate(DSG, scores).reward == pytest.approx(math.sqrt(sem * qual))
+    assert aggregate(DSG, scores, mode="mean").reward == pytest.approx((sem + qual) / 2)
+    r = aggregate(DSG, scores, mode="min")
+    assert r.reward == pytest.approx(sem) and r.semantic_mean == pytest.approx(0.7) and r.quality_mean == 0.8
+    assert aggregate(DSG, [1, 1, 1, 0.5, 0.3], mode="min").reward == pytest.approx(0.4)
+
+
+def test_empty_halves_count_as_one():
+    only_sem = qset(("e", "semantic", ()))
+    assert aggregate(only_sem, [0.25]).reward == pytest.approx(0.5) and aggregate(only_sem, [0.25]).quality_mean == 1.0
+    only_qual = qset(("q", "quality", ()))
+    r = aggregate(only_qual, [0.36])
+    assert r.semantic_mean == 1.0 and r.reward == pytest.approx(0.6) and r.strict_pass()
+
+
+def test_parent_rules_propagate_through_grandparents():
+    scores = [0.3, 0.9, 0.8, 1.0, 1.0]                 # e fails; its child a and grandchild g pass
+    none = aggregate(DSG, scores)
+    assert [r.effective for r in none.rows[:3]] == [0.3, 0.9, 0.8]
+    zero = aggregate(DSG, scores, parent_rule="zero")
+    assert [r.effective for r in zero.rows[:3]] == [0.3, 0.0, 0.0]
+    assert [r.score for r in zero.rows[:3]] == [0.3, 0.9, 0.8]          # raw scores stay in the audit
+    scale = aggregate(DSG, scores, parent_rule="scale")
+    assert [r.effective for r in scale.rows[:3]] == pytest.approx([0.3, 0.27, 0.8 * 0.27])
+    ok = aggregate(DSG, [0.9, 0.8, 0.7, 1, 1], parent_rule="zero")
+    assert [r.effective for r in ok.rows[:3]] == [0.9, 0.8, 0.7]        # passing parents change nothing
+    assert none.reward > scale.reward > zero.reward
+
+
+def test_parents_listed_after_children_still_work():
+    qs = qset(("child", "semantic", ("root",)), ("root", "semantic", ()))
+    assert [r.effective for r in aggregate(qs, [0.9, 0.1], parent_rule="zero").rows] == [0.0, 0.1]
+
+
+def test_audit_record_and_strict_pass():
+    r = aggregate(DSG, [0.9, 0.6, 0.51, 0.2, 0.1])
+    assert r.strict_pass() and not r.strict_pass(threshold=0.55)     # quality does not enter strict pass
+    assert [row.id for row in r.rows] == ["e", "a", "g", "q1", "q2"] and r.rows[2].parents == ("a",)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["rows"][1]["parents"] == ["e"] and d["version"] == "test@t1" and d["prompt_hash"] == DSG.prompt_hash
+    assert "semantic_mean=0.6700" in r.table()
+
+
+@pytest.mark.parametrize("scores, match", [
+    ([0.5] * 4, "4 scores for 5 questions"),
+    ([0.5, float("nan"), 0.5, 0.5, 0.5], "question 'a'"),
+    ([0.5, 0.5, 1.5, 0.5, 0.5], "question 'g'"),
+    ([0.5, 0.5, 0.5, -0.1, 0.5], "not in"),
+])
+def test_bad_scores_name_the_question(scores, match):
+    with pytest.raises(ValueError, match=match):
+        aggregate(DSG, scores)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="mode='max'"):
+        aggregate(DSG, [1] * 5, mode="max")
+    with pytest.raises(ValueError, match="parent_rule='all'"):
+        aggregate(DSG, [1] * 5, parent_rule="all")
+
+
+def test_yes_probability_sums_variants():
+    lp = {"Yes": math.log(0.5), " yes": math.log(0.1), "YES.": math.log(0.05), "No": math.log(0.2),
+          "\u2581no": math.log(0.05), "Maybe": math.log(0.1)}
+    assert yes_probability(lp) == pytest.approx(0.65 / 0.9)
+    assert yes_probability([("\u0120Yes", math.log(0.3)), ("\u0120Yes", math.log(0.3)), ("no!", math.log(0.4))]) \
+        == pytest.approx(0.6)
+    assert yes_probability({"Maybe": -0.1, "I": -2.0}) is None
+    assert yes_probability({}) is None
+    assert yes_probability({"yes": float("-inf"), "no": float("-inf")}) is None
+    assert yes_probability({"no": -0.01}) == 0.0 and yes_probability({"yes": -3.0}) == 1.0
+    assert yes_probability({"yesterday": -0.1, "note": -0.1, "no": -1.0}) == 0.0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Yes", 1.0), (" yes.", 1.0), ("No, there is no cat.", 0.0), ("YES!", 1.0), ("The answer is yes", 1.0),
+    ("The answer is no", 0.0), ("", 0.0), ("maybe", 0.0), ("yes and no", 1.0), ("I'd say no, not yes", 0.0),
+    ("yesterday", 0.0),
+])
+def test_yes_from_text(text, expected):
+    assert yes_from_text(text) == expected
