@@ -20,8 +20,11 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	@echo "make run: the RL trainer (issue 6: driver/) has not landed yet; nothing to train."
-	@echo "What works today: the umm model and its tests -> make test"
+	@echo "make run: not yet. The RL trainer (driver/, issue 6) has not landed, and the pretrained"
+	@echo "shapes policy is not shipped yet (issue 4). What runs today:"
+	@echo "  $(PY) -m shapes.pretrain --minutes 120 --out checkpoints/shapes-base   # pretrain the policy"
+	@echo "  $(PY) -m shapes.evaluate --checkpoint checkpoints/shapes-base         # held-out benchmark"
+	@echo "  make test"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -26,7 +26,7 @@ from shapes.judge import judge
 from shapes.pretrain_data import to_pixels
 from shapes.prompts import Prompt
 from shapes.scene import render
-from shapes.tokenizer import decode, encode_turn
+from shapes.tokenizer import UNK_ID, decode, encode_turn
 from umm.context import DrawPrompt, Image, Text, encode_guidance, encode_context
 from umm.generation import generate_image, generate_text
 from umm.guidance import CFGConfig
@@ -83,7 +83,8 @@ def draw(model: UnifiedModel, tok, prompts: list[Prompt], *, cfg: DrawConfig, se
             for d, toks, m in zip(dps, s.tokens, s.mask):
                 ids = [int(t) for t in toks[m] if int(t) != model.cfg.tokens.eos]
                 d.think = Text(ids=tuple(ids)) if ids else None
-                plans.append(decode(tok, ids))
+                # the model's vocabulary is padded past the tokenizer's: show such ids as <unk>
+                plans.append(decode(tok, [i if tok.id_to_token(i) is not None else UNK_ID for i in ids]))
         else:
             plans += [""] * len(chunk)
         is_edit = chunk[0].family == "edit"

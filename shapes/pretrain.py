@@ -141,51 +141,113 @@ def build_optimizer(model: UnifiedModel, cfg: PretrainConfig) -> torch.optim.Opt
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
 
 
+@dataclass(kw_only=True)
+class TrainState:
+    """Everything needed to continue a run exactly: weights, EMA, optimizer, position, RNGs."""
+    model: UnifiedModel
+    ema: UnifiedModel
+    opt: torch.optim.Optimizer
+    step: int = 0
+    elapsed_min: float = 0.0          # training minutes spent before this process
+    rng: random.Random
+    gen: torch.Generator
+
+
+STATE_FILE, STATE_JSON = "train_state.safetensors", "train_state.json"
+
+
+def save_state(state: TrainState, out: str | Path) -> None:
+    """Write the resumable state beside the checkpoint (safetensors + JSON, written then renamed)."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in state.model.state_dict().items()}
+    tensors.update({f"ema.{k}": v.detach().contiguous() for k, v in state.ema.state_dict().items()})
+    for i, p in enumerate(state.model.parameters()):
+        for k, v in state.opt.state.get(p, {}).items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{i}.{k}"] = v.detach().reshape(v.shape).contiguous()
+    tensors["gen_state"] = state.gen.get_state()
+    save_file(tensors, str(out / (STATE_FILE + ".tmp")))
+    meta = {"step": state.step, "elapsed_min": state.elapsed_min, "rng": state.rng.getstate()}
+    (out / (STATE_JSON + ".tmp")).write_text(json.dumps(meta))
+    (out / (STATE_FILE + ".tmp")).replace(out / STATE_FILE)
+    (out / (STATE_JSON + ".tmp")).replace(out / STATE_JSON)
+
+
+def load_state(state: TrainState, out: str | Path) -> TrainState:
+    """Restore a state saved by `save_state` into freshly built model/ema/optimizer."""
+    from safetensors.torch import load_file
+    out = Path(out)
+    tensors = load_file(str(out / STATE_FILE))
+    meta = json.loads((out / STATE_JSON).read_text())
+    state.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    for i, p in enumerate(state.model.parameters()):
+        entries = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        if entries:
+            state.opt.state[p] = entries
+    state.gen.set_state(tensors["gen_state"])
+    rng_state = meta["rng"]
+    state.rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
+    state.step, state.elapsed_min = meta["step"], meta["elapsed_min"]
+    return state
+
+
 def pretrain(cfg: PretrainConfig, *, model: UnifiedModel | None = None, progress: bool = True,
-             on_eval=None) -> tuple[UnifiedModel, list[dict]]:
-    """Train; returns the EMA model and the per-step log. `on_eval(ema_model, step)` is called every
-    `eval_every` steps (the CLI passes a quick judge check)."""
+             on_eval=None, resume_from: str | Path | None = None) -> tuple[UnifiedModel, list[dict]]:
+    """Train; returns the EMA model and the per-step log. `on_eval(state, step)` is called every
+    `eval_every` steps (the CLI runs a quick judge check and saves). `resume_from`: a directory
+    holding a saved TrainState, continued exactly (same batches, same schedule)."""
     if len(cfg.task_weights) != len(TASKS):
         raise ValueError(f"task_weights: need {len(TASKS)} weights for {TASKS}, got {len(cfg.task_weights)}")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    rng, gen = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     tok = build_tokenizer()
     if model is None:
         model = UnifiedModel(preset("shapes"))
     if tok.get_vocab_size() > model.cfg.llm.vocab_size:
         raise ValueError(f"tokenizer has {tok.get_vocab_size()} ids > model vocab {model.cfg.llm.vocab_size}")
     model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = build_optimizer(model, cfg)
+    state = TrainState(model=model, ema=copy.deepcopy(model).eval().requires_grad_(False),
+                       opt=build_optimizer(model, cfg), rng=random.Random(cfg.seed),
+                       gen=torch.Generator().manual_seed(cfg.seed))
+    if resume_from is not None:
+        load_state(state, resume_from)
     params = [p for p in model.parameters() if p.requires_grad]
     log: list[dict] = []
-    start = time.time()
-    bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress, mininterval=2.0)
+    start = time.time() - state.elapsed_min * 60
+    bar = tqdm(range(state.step, cfg.steps), desc="pretrain", disable=not progress, mininterval=2.0,
+               initial=state.step, total=cfg.steps)
     for step in bar:
-        if cfg.minutes and time.time() - start > cfg.minutes * 60:
+        state.step, state.elapsed_min = step, (time.time() - start) / 60
+        if cfg.minutes and state.elapsed_min > cfg.minutes:
             bar.write(f"time budget of {cfg.minutes} min reached at step {step}")
             break
-        lr = lr_at(step, cfg, elapsed_min=(time.time() - start) / 60)
-        for g in opt.param_groups:
+        lr = lr_at(step, cfg, elapsed_min=state.elapsed_min)
+        for g in state.opt.param_groups:
             g["lr"] = lr
-        tasks = rng.choices(TASKS, cfg.task_weights, k=cfg.batch_size)
-        examples = [make_example(t, rng, tok, canvas_size=cfg.canvas_size, cfg_dropout=cfg.cfg_dropout)
+        tasks = state.rng.choices(TASKS, cfg.task_weights, k=cfg.batch_size)
+        examples = [make_example(t, state.rng, tok, canvas_size=cfg.canvas_size, cfg_dropout=cfg.cfg_dropout)
                     for t in tasks]
-        loss, parts = batch_loss(model, examples, gen=gen, ce_weight=cfg.ce_weight)
-        opt.zero_grad(set_to_none=True)
+        loss, parts = batch_loss(model, examples, gen=state.gen, ce_weight=cfg.ce_weight)
+        state.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        opt.step()
+        state.opt.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))      # EMA warm-up: early weights fade fast
         with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1 - cfg.ema)
+            for pe, p in zip(state.ema.parameters(), model.parameters()):
+                pe.lerp_(p, 1 - decay)
         log.append({"step": step, "loss": float(loss.detach()), **parts, "grad_norm": grad_norm, "lr": lr})
         if step % 20 == 0:
             bar.set_postfix(mse=f"{parts['mse']:.4f}", ce=f"{parts['ce']:.3f}")
         if on_eval is not None and cfg.eval_every and step > 0 and step % cfg.eval_every == 0:
-            on_eval(ema, step)
-    return ema, log
+            state.step = step + 1
+            on_eval(state, step)
+    else:
+        state.step = cfg.steps
+    return state.ema, log
 
 
 def save_run(model: UnifiedModel, cfg: PretrainConfig, log: list[dict], out: str | Path) -> Path:
@@ -204,16 +266,19 @@ def main(argv: list[str] | None = None) -> None:
         if f.name == "task_weights":
             continue
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    ap.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     args = ap.parse_args(argv)
-    cfg = PretrainConfig(**{k: v for k, v in vars(args).items()})
+    cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k != "resume"})
     print(json.dumps(dataclasses.asdict(cfg)))
     from shapes.evaluate import quick_check
 
-    def on_eval(ema_model, step):
-        print(f"step {step}: {quick_check(ema_model)}", flush=True)
-        save_run(ema_model, cfg, [], cfg.out)          # a usable checkpoint at every check
+    def on_eval(state, step):
+        print(f"step {step}: {quick_check(state.ema)}", flush=True)
+        save_run(state.ema, cfg, [], cfg.out)          # a usable checkpoint at every check
+        save_state(state, cfg.out)                     # and a resumable one
 
-    ema, log = pretrain(cfg, on_eval=on_eval)
+    resume = cfg.out if args.resume and (Path(cfg.out) / STATE_FILE).exists() else None
+    ema, log = pretrain(cfg, on_eval=on_eval, resume_from=resume)
     out = save_run(ema, cfg, log, cfg.out)
     print(f"saved {out} after {len(log)} steps; final: {quick_check(ema)}")
 

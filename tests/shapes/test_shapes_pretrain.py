@@ -94,3 +94,33 @@ def test_judge_parses_rendered_training_targets():
     for _ in range(20):
         p = draw_prompt(rng, canvas_size=32)
         assert judge(render(sample_scene(p.meaning, rng, canvas_size=32)), p.meaning).correct
+
+
+def test_a_resumed_run_continues_exactly(tmp_path):
+    from shapes.pretrain import save_state
+
+    def fresh():
+        torch.manual_seed(0)
+        return UnifiedModel(preset("shapes"))
+
+    cfg = PretrainConfig(steps=4, batch_size=2, warmup=2, eval_every=0, threads=1,
+                         task_weights=(1.0, 0.0, 0.0, 0.0, 0.0, 0.0))
+    straight, _ = pretrain(cfg, model=fresh(), progress=False)
+
+    stop = dict(eval_every=2)
+    saved = {}
+
+    def on_eval(state, step):
+        save_state(state, tmp_path)
+        saved["step"] = state.step
+        raise KeyboardInterrupt          # the process dies right after the save
+
+    try:
+        pretrain(PretrainConfig(**{**cfg.__dict__, **stop}), model=fresh(), progress=False, on_eval=on_eval)
+    except KeyboardInterrupt:
+        pass
+    assert saved["step"] == 3
+    resumed, log = pretrain(cfg, model=fresh(), progress=False, resume_from=tmp_path)
+    assert [r["step"] for r in log] == [3]
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
