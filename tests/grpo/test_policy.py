@@ -137,3 +137,20 @@ def test_kl_reference_requires_lora():
     ro = _rollout(model, prompts)
     with pytest.raises(ValueError, match="LoRA"):
         recompute(model, prompts, ro, think=THINK, cfg=FLOW.cfg, reference=True)
+
+
+def test_bf16_base_with_fp32_lora_masters_trains_on_policy():
+    """The method's precision: bf16 compute, fp32 adapter masters, fp32 trajectories, ratio 1."""
+    from grpo.precision import keep_trainable_fp32
+    from umm.lora import LoRAConfig, apply_lora, lora_parameters
+    model = tiny_model().to(torch.bfloat16)
+    apply_lora(model, LoRAConfig(rank=2, alpha=4))
+    assert keep_trainable_fp32(model) == len(lora_parameters(model))
+    prompts = _prompts(2)
+    ro = _rollout(model, prompts)
+    assert ro.flow.latents.dtype == torch.float32 and ro.flow.logp.dtype == torch.float32
+    res = grpo_loss(model, prompts, ro, torch.tensor([1.0, -1.0]), think=THINK, cfg=FLOW.cfg, loss=LossConfig())
+    res.loss.backward()
+    assert res.image.ratio_max == pytest.approx(1.0, abs=1e-6)
+    grads = [p.grad for p in lora_parameters(model).values()]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
