@@ -20,7 +20,7 @@ from torch import Tensor
 
 from grpo.losses import LossStats, image_ppo_loss, text_grpo_loss, text_weight_for, trajectory_loss
 from grpo.sde import FlowTrajectory, VelocityFn, recompute_steps, sample_flow, sde_window, timestep_schedule
-from umm.context import DrawPrompt, GuidanceContexts, Text, encode_context
+from umm.context import DrawPrompt, GuidanceContexts, Text, encode_context, item_segments
 from umm.generation import TextSample, generate_text, token_logprobs
 from umm.lora import adapters_disabled
 from umm.guidance import CFGConfig, guided_velocity
@@ -77,8 +77,6 @@ def prompt_cache(model: UnifiedModel, prompts: list[DrawPrompt]) -> KVCache:
 def draw_contexts(model: UnifiedModel, prompts: list[DrawPrompt], cache: KVCache, thinks: list[Text | None],
                   *, cfg: CFGConfig) -> GuidanceContexts:
     """CFG contexts for drawing: full = cached prompt + plan; text-CFG = prefix; image-CFG (edits)."""
-    from umm.context import item_segments
-
     rows = [item_segments(model, t) if t is not None else [] for t in thinks]
     if all(rows):
         full = model.encode(rows, cache=cache)
