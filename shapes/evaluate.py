@@ -26,7 +26,7 @@ from shapes.judge import judge
 from shapes.pretrain_data import to_pixels
 from shapes.prompts import Prompt
 from shapes.scene import render
-from shapes.tokenizer import UNK_ID, decode, encode_turn
+from shapes.tokenizer import UNK_ID, decode, turn_ids
 from umm.context import DrawPrompt, Image, Text, encode_guidance, encode_context
 from umm.generation import generate_image, generate_text
 from umm.guidance import CFGConfig
@@ -47,7 +47,7 @@ class DrawConfig:
 
 
 def _turn(tok, role: str, text: str) -> Text:
-    return Text(ids=tuple(encode_turn(tok, role, text)[1:-1]))
+    return Text(ids=tuple(turn_ids(tok, role, text)))
 
 
 def draw_prompts(tok, prompts: list[Prompt], *, think: bool) -> list[DrawPrompt]:

@@ -31,7 +31,7 @@ from shapes.meaning import Meaning, describe, from_objects
 from shapes.prompts import generate
 from shapes.questions import questions_for, truth
 from shapes.scene import Scene, render
-from shapes.tokenizer import encode, encode_turn
+from shapes.tokenizer import turn_ids
 from shapes.world import COLOUR_NAMES, SHAPES
 
 TASKS: tuple[str, ...] = ("t2i", "t2i_think", "edit", "caption", "vqa", "fact_qa")
@@ -68,7 +68,7 @@ def to_pixels(image) -> torch.Tensor:
 
 
 def _turn(tok: Tokenizer, role: str, text: str, *, target: bool = False) -> TextPart:
-    return TextPart(ids=encode_turn(tok, role, text)[1:-1], target=target)
+    return TextPart(ids=turn_ids(tok, role, text), target=target)
 
 
 def draw_prompt(rng: random.Random, *, canvas_size: int):

@@ -127,8 +127,13 @@ def decode(tok: Tokenizer, ids: list[int], *, skip_special: bool = True) -> str:
     return "".join(out)
 
 
-def encode_turn(tok: Tokenizer, role: str, text: str) -> list[int]:
-    """<|im_start|> role text <|im_end|> as ids (role: system, user or assistant)."""
+def turn_ids(tok: Tokenizer, role: str, text: str) -> list[int]:
+    """role text as ids, without the turn markers (the model adds <|im_start|>/<|im_end|> itself)."""
     if role not in ROLES:
         raise ValueError(f"encode_turn: role={role!r} is not one of {ROLES}")
-    return [IM_START_ID, tok.token_to_id(role)] + encode(tok, text) + [IM_END_ID]
+    return [tok.token_to_id(role)] + encode(tok, text)
+
+
+def encode_turn(tok: Tokenizer, role: str, text: str) -> list[int]:
+    """<|im_start|> role text <|im_end|> as ids (role: system, user or assistant)."""
+    return [IM_START_ID, *turn_ids(tok, role, text), IM_END_ID]
