@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from shapes.pretrain_data import TASKS, Example, ImagePart, TextPart, make_example
 from shapes.tokenizer import build_tokenizer, save as save_tokenizer
-from umm.checkpoint import save_pretrained
+from umm.checkpoint import load_pretrained, save_pretrained
 from umm.config import preset
 from umm.model import UnifiedModel
 from umm.sequence import Segment
@@ -53,6 +53,7 @@ class PretrainConfig:
     threads: int = 2
     eval_every: int = 2000             # steps between quick judge checks (0 = never)
     out: str = "checkpoints/shapes-base"
+    init_from: str = ""                # start from this checkpoint's weights (fresh optimizer/schedule)
 
 
 def target_segments(model: UnifiedModel, ex: Example, *, gen: torch.Generator):
@@ -204,6 +205,10 @@ def pretrain(cfg: PretrainConfig, *, model: UnifiedModel | None = None, progress
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer()
+    if model is None and cfg.init_from:      # a fresh model (its own frozen tables) with the saved weights
+        saved = load_pretrained(cfg.init_from, base="shapes")
+        model = UnifiedModel(saved.cfg)
+        model.load_state_dict(saved.state_dict())
     if model is None:
         model = UnifiedModel(preset("shapes"))
     if tok.get_vocab_size() > model.cfg.llm.vocab_size:
