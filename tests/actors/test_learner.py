@@ -1,0 +1,166 @@
+"""Two DeepSpeed ZeRO-3 learner ranks in two Ray actors (gloo on CPU), every tensor partitioned.
+
+    rollout on the tiny model (fixed seeds) -> two halves of 2 trajectories each
+    ZeRO-3 step: rank r runs grpo_loss(half r); DeepSpeed averages the gradients, clips, AdamW
+    reference:   one process, loss = mean of the two halves' grpo_loss, clip_grad_norm_, torch AdamW
+    => gathered learner weights == reference weights (1e-6); then a broadcast to a Ray receiver actor:
+       receiver crc32 == sender's == trainable_checksum() on both learner ranks, weights bitwise equal.
+"""
+from __future__ import annotations
+
+import functools
+import socket
+
+import pytest
+import torch
+
+from actors.learner import LearnerSpec, LearnerWorker
+from actors.weight_sync import BroadcastGroup, WeightReceiver, model_checksum, trainable_named_parameters
+from grpo.policy import FlowConfig, LossConfig, ThinkConfig, grpo_loss, rollout
+from umm.context import DrawPrompt, Text
+from umm.guidance import CFGConfig
+
+from tests.umm.helpers import tiny_model
+
+THINK = ThinkConfig(max_new_tokens=6, temperature=1.0, top_p=0.9)
+FLOW = FlowConfig(num_steps=6, shift=3.0, window_size=3, window_start=(0, 1), noise_level=0.7,
+                  cfg=CFGConfig(text_scale=3.0, interval=(0.4, 1.0)))
+HW = (2, 2)
+HYPER = dict(lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4, grad_clip=1.0)
+BUCKET = 64 << 10
+TIMEOUT = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def grpo_loss_fn(model, batch):
+    """A learner loss: the GRPO objective of one shard (prompts, rollout, advantages), mean over it."""
+    prompts, ro, adv = batch
+    res = grpo_loss(model, prompts, ro, adv, think=THINK, cfg=FLOW.cfg, loss=LossConfig())
+    return res.loss, {"loss/image": res.image_loss, "loss/text": res.text_loss}
+
+
+def halves() -> list[tuple]:
+    """Two shards of 2 trajectories each, sampled by the initial weights (on-policy)."""
+    model = tiny_model(seed=0)
+    out = []
+    for h in range(2):
+        prompts = [DrawPrompt(prefix=[Text(ids=(20, 21))], text=Text(ids=tuple(range(30, 32 + (2 * h + i) % 3))))
+                   for i in range(2)]
+        ro = rollout(model, prompts, hw=HW, think=THINK, flow=FLOW, generator=torch.Generator().manual_seed(h))
+        out.append((prompts, ro, torch.tensor([1.0, -0.5]) * (h + 1)))
+    return out
+
+
+class ReceiverActor:
+    """A stand-in rollout actor: holds a policy (different weights until synced) and a WeightReceiver."""
+
+    def __init__(self):
+        torch.set_num_threads(1)
+        self.model = tiny_model(seed=7)
+        self.receiver = WeightReceiver(self.model, bucket_bytes=BUCKET)
+        self.group = None
+
+    def join_weight_group(self, addr, port, world_size, rank):
+        self.group = BroadcastGroup(host=addr, port=port, rank=rank, world_size=world_size)
+
+    def load_weights(self, manifest):
+        return self.receiver.receive(self.group, manifest)
+
+    def ready_for(self, version):
+        return self.receiver.ready_for(version)
+
+    def trainable_weights(self):
+        return {n: p.detach().clone() for n, p in trainable_named_parameters(self.model)}
+
+    def checksum(self):
+        return model_checksum(self.model)
+
+
+def test_spec_validation_names_the_field():
+    spec = LearnerSpec(rank=2, world_size=2, master_port=1234, model_factory=tiny_model)
+    with pytest.raises(ValueError, match="LearnerSpec.rank"):
+        spec.validate()
+    cfg = LearnerSpec(rank=0, world_size=2, master_port=1234, model_factory=tiny_model,
+                      persistence_threshold=0).deepspeed_config()
+    assert cfg["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+
+
+@pytest.fixture(scope="module")
+def stepped(ray_cluster):
+    """Two learner actors after one train_step on their halves; yields (learners, results, shards)."""
+    import ray
+
+    Learner = ray.remote(num_cpus=0)(LearnerWorker)
+    port = free_port()
+    specs = [LearnerSpec(rank=r, world_size=2, master_port=port, model_factory=functools.partial(tiny_model, seed=0),
+                         persistence_threshold=0, bucket_bytes=BUCKET, seed=0, **HYPER) for r in range(2)]
+    learners = [Learner.remote(s) for s in specs]
+    infos = ray.get([lr.setup.remote() for lr in learners], timeout=TIMEOUT)
+    shards = halves()
+    results = ray.get([lr.train_step.remote(grpo_loss_fn, shard) for lr, shard in zip(learners, shards)],
+                      timeout=TIMEOUT)
+    yield learners, infos, results, shards
+    ray.get([lr.shutdown.remote() for lr in learners], timeout=60)
+    for lr in learners:
+        ray.kill(lr)
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_zero3_step_equals_single_process_adamw(stepped):
+    import ray
+
+    learners, infos, results, shards = stepped
+    assert all(i["partitioned_tensors"] == i["tensors"] for i in infos)   # ZeRO-3 really partitions
+    assert [r.version for r in results] == [1, 1]
+    state = ray.get([lr.state_dict_for_eval.remote() for lr in learners], timeout=TIMEOUT)[0]
+
+    ref = tiny_model(seed=0)
+    start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"],
+                            weight_decay=HYPER["weight_decay"])
+    loss = (grpo_loss_fn(ref, shards[0])[0] + grpo_loss_fn(ref, shards[1])[0]) / 2
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, HYPER["grad_clip"])
+    opt.step()
+
+    assert results[0].loss == pytest.approx(float(loss.detach()), abs=1e-6)
+    assert results[0].grad_norm == pytest.approx(float(grad_norm), rel=1e-5) and float(grad_norm) > HYPER["grad_clip"]
+    moved = max((p.detach() - start[n]).abs().max().item() for n, p in ref.named_parameters())
+    assert moved > 10 * 1e-6                                                # the step is not a no-op
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(state[n], p.detach(), rtol=0, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_broadcast_after_step_reaches_a_receiver_with_the_learners_checksum(stepped):
+    import ray
+
+    learners = stepped[0]
+    receiver = ray.remote(num_cpus=0)(ReceiverActor).remote()
+    port = free_port()
+    ray.get([lr.join_weight_group.remote("127.0.0.1", port, 2) for lr in learners]
+            + [receiver.join_weight_group.remote("127.0.0.1", port, 2, 1)], timeout=TIMEOUT)
+    manifest = ray.get(learners[0].weight_manifest.remote(), timeout=TIMEOUT)
+    assert manifest.version == 1 and len(manifest.buckets) > 1
+    assert not ray.get(receiver.ready_for.remote(1))
+    *sent, got = ray.get([lr.broadcast_weights.remote() for lr in learners] + [receiver.load_weights.remote(manifest)],
+                         timeout=TIMEOUT)
+    assert sent[0].buckets == got.buckets == len(manifest.buckets) and sent[0].bytes == manifest.total_bytes
+    assert sent[1].bytes == 0 and sent[1].checksum is None                 # rank 1 only took part in gathers
+    learner_sums = ray.get([lr.trainable_checksum.remote() for lr in learners], timeout=TIMEOUT)
+    assert learner_sums[0] == learner_sums[1] == sent[0].checksum == got.checksum == ray.get(receiver.checksum.remote())
+    assert ray.get(receiver.ready_for.remote(1))
+    weights = ray.get(receiver.trainable_weights.remote())
+    state = ray.get([lr.state_dict_for_eval.remote() for lr in learners], timeout=TIMEOUT)[0]
+    assert all(torch.equal(weights[n], state[n]) for n in manifest.names)
+    ray.kill(receiver)

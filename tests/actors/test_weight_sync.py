@@ -1,0 +1,186 @@
+"""Weight sync: the bucket plan, the checksum, and a real gloo broadcast from this process to two
+receiver processes (torch.multiprocessing, forkserver) with the tiny model.
+
+Chain checked by the broadcast test: sender's weights == each receiver's weights (bitwise)
+=> receiver crc32 == sender crc32 == model_checksum(sender); collectives == buckets + 3 on every side;
+a mismatched version, checksum or plan raises WeightSyncError on that receiver only, leaves it
+refusing to sample (ready_for False), and the group stays in step for the next sync.
+"""
+from __future__ import annotations
+
+import random
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from actors.weight_sync import (
+    BroadcastGroup,
+    WeightReceiver,
+    WeightSyncError,
+    build_manifest,
+    gathered_buckets,
+    model_checksum,
+    plan_buckets,
+    send_weights,
+    trainable_named_parameters,
+    weights_checksum,
+)
+from tests.umm.helpers import tiny_model
+
+SMALL_BUCKET = 64 << 10  # the tiny model's ~0.85 MB of trainable weights -> a dozen buckets
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- plan
+
+@pytest.mark.parametrize("seed", range(20))
+def test_bucket_plan_covers_every_tensor_once_in_order_and_respects_the_size(seed):
+    rng = random.Random(seed)
+    sizes = [rng.choice([4, 100, 1000, 5000]) for _ in range(rng.randint(0, 40))]
+    limit = rng.choice([1, 1000, 4096, 10 ** 6])
+    buckets = plan_buckets(sizes, limit)
+    flat = [i for a, b in buckets for i in range(a, b)]
+    assert flat == list(range(len(sizes)))                      # consecutive, each exactly once
+    for a, b in buckets:
+        assert b > a
+        assert sum(sizes[a:b]) <= limit or b - a == 1           # only a lone tensor may exceed
+    for (a, b), (c, _) in zip(buckets, buckets[1:]):
+        assert sum(sizes[a:b]) + sizes[c] > limit               # greedy: the next one did not fit
+
+
+def test_manifest_lists_only_trainable_tensors():
+    model = tiny_model()
+    named = trainable_named_parameters(model)
+    m = build_manifest(named, version=3, bucket_bytes=SMALL_BUCKET)
+    assert not any(n.startswith("vae.") or n.endswith("pos_embed") for n in m.names)  # frozen
+    assert m.names == tuple(n for n, _ in named) and len(m.buckets) > 1
+    assert m.total_bytes == sum(p.numel() * p.element_size() for _, p in named) == sum(m.bucket_sizes)
+    assert m.digest() == m.with_version(9, checksum=1).digest()   # the plan, not the version
+    assert m.digest() != build_manifest(named, version=3, bucket_bytes=2 * SMALL_BUCKET).digest()
+
+
+def test_manifest_with_lora_moves_only_the_adapters():
+    from umm.lora import LoRAConfig, apply_lora, lora_parameters
+    model = tiny_model()
+    apply_lora(model, LoRAConfig(rank=2, alpha=4))
+    m = build_manifest(trainable_named_parameters(model), version=0)
+    assert set(m.names) == set(lora_parameters(model)) and len(m.buckets) == 1
+
+
+# --------------------------------------------------------------------------- checksum
+
+def test_checksum_equal_for_equal_weights_and_changes_with_one_element():
+    a, b = tiny_model(seed=0), tiny_model(seed=0)
+    assert model_checksum(a) == model_checksum(b)
+    with torch.no_grad():
+        p = trainable_named_parameters(b)[5][1]
+        p.view(-1)[7] = torch.nextafter(p.view(-1)[7], torch.tensor(float("inf")))  # one ulp
+    assert model_checksum(a) != model_checksum(b)
+
+
+def test_checksum_is_order_sensitive_and_bucketing_free():
+    x, y = torch.randn(10), torch.randn(10)
+    assert weights_checksum([x, y]) != weights_checksum([y, x])
+    model = tiny_model()
+    assert model_checksum(model, bucket_bytes=SMALL_BUCKET) == model_checksum(model, bucket_bytes=1 << 30)
+
+
+# --------------------------------------------------------------------------- broadcast
+
+def _receiver_main(rank: int, port: int, commands, results) -> None:
+    """A receiver process: for each command (version, kind), receive one sync and report."""
+    torch.set_num_threads(1)
+    model = tiny_model(seed=100 + rank)   # different weights until the first sync
+    receiver = WeightReceiver(model, bucket_bytes=SMALL_BUCKET)
+    group = BroadcastGroup(host="127.0.0.1", port=port, rank=rank, world_size=3, timeout_s=600)
+    while (cmd := commands.get()) is not None:
+        version, kind = cmd
+        manifest = receiver.expected_manifest(version)
+        if kind == "wrong_version":
+            manifest = manifest.with_version(version + 5)
+        elif kind == "wrong_checksum":
+            manifest = manifest.with_version(version, checksum=12345)
+        elif kind == "wrong_plan":
+            manifest = WeightReceiver(model, bucket_bytes=SMALL_BUCKET * 2).expected_manifest(version)
+        first = group.collectives
+        try:
+            stats = receiver.receive(group, manifest)
+            error = None
+        except WeightSyncError as e:
+            stats, error = None, str(e)
+        weights = {n: p.detach().clone().numpy() for n, p in trainable_named_parameters(model)}
+        results.put({"rank": rank, "error": error, "stats": stats, "collectives": group.collectives - first,
+                     "ready": receiver.ready_for(version), "checksum": model_checksum(model), "weights": weights})
+    group.close()
+
+
+@pytest.fixture(scope="module")
+def broadcast_world():
+    """This process as sender (rank 0) and two receiver processes (ranks 1, 2)."""
+    torch.set_num_threads(1)
+    # forkserver: one fresh process imports the model stack once and forks both receivers from it
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.actors.test_weight_sync"])
+    port = free_port()
+    queues = [ctx.Queue() for _ in range(2)]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_receiver_main, args=(r + 1, port, queues[r], results), daemon=True)
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    group = BroadcastGroup(host="127.0.0.1", port=port, rank=0, world_size=3, timeout_s=600)
+    yield group, queues, results
+    for q in queues:
+        q.put(None)
+    for p in procs:
+        p.join(timeout=30)
+    group.close()
+
+
+def _sync(world, model, version, kinds):
+    group, queues, results = world
+    for q, kind in zip(queues, kinds):
+        q.put((version, kind))
+    named = trainable_named_parameters(model)
+    manifest = build_manifest(named, version=version, bucket_bytes=SMALL_BUCKET)
+    first = group.collectives
+    stats = send_weights(group, gathered_buckets([p for _, p in named], manifest), manifest)
+    assert group.collectives - first == stats.collectives == len(manifest.buckets) + 3
+    got = sorted((results.get(timeout=600) for _ in queues), key=lambda r: r["rank"])
+    return manifest, stats, got
+
+
+def test_broadcast_to_two_receivers_is_bitwise_and_verified(broadcast_world):
+    model = tiny_model(seed=0)
+    manifest, stats, got = _sync(broadcast_world, model, 1, ["ok", "ok"])
+    assert stats.buckets == len(manifest.buckets) > 1 and stats.bytes == manifest.total_bytes
+    assert stats.checksum == model_checksum(model)
+    for r in got:
+        assert r["error"] is None and r["ready"]
+        assert r["stats"].checksum == stats.checksum == r["checksum"]
+        assert r["stats"].buckets == len(manifest.buckets) and r["collectives"] == len(manifest.buckets) + 3
+        for n, p in trainable_named_parameters(model):
+            assert torch.equal(torch.from_numpy(r["weights"][n]), p.detach()), n
+
+
+@pytest.mark.parametrize("kind, message", [("wrong_version", "expected 7"), ("wrong_checksum", "0x00003039"),
+                                           ("wrong_plan", "bucket plan")])
+def test_mismatch_is_refused_by_that_receiver_only(broadcast_world, kind, message):
+    model = tiny_model(seed=1)
+    with torch.no_grad():
+        trainable_named_parameters(model)[0][1].add_(1.0)
+    _, stats, (good, bad) = _sync(broadcast_world, model, 2, ["ok", kind])
+    assert good["error"] is None and good["ready"] and good["checksum"] == stats.checksum
+    assert bad["error"] is not None and message in bad["error"], bad["error"]
+    assert not bad["ready"]                                         # refuses to sample
+    assert bad["collectives"] == good["collectives"]                # drained: the group stays in step
+    # the next correct sync is accepted again
+    _, stats, got = _sync(broadcast_world, model, 3, ["ok", "ok"])
+    assert all(r["error"] is None and r["ready"] and r["checksum"] == stats.checksum for r in got)
