@@ -39,3 +39,11 @@ def test_package_inits_stay_light():
     for package in ("umm", "grpo", "shapes"):
         init = ROOT / package / "__init__.py"
         assert not imported_roots(init) - {"__future__"}, f"{init} imports modules"
+
+
+@pytest.mark.parametrize("module", ["driver/stages.py", "driver/sync.py", "driver/config.py", "driver/metrics.py",
+                                    "actors/weight_sync.py"])
+def test_stage_code_has_no_ray(module):
+    """The stage functions and the sync baseline run without Ray; actors are shells around them."""
+    bad = imported_roots(ROOT / module) & {"ray", "vllm"}
+    assert not bad, f"{module} imports {sorted(bad)}"

@@ -1,0 +1,264 @@
+"""The run's configuration: one typed tree, validated before anything starts.
+
+    python -m driver.main                                  # configs/default.yaml (shapes world, CPU)
+    python -m driver.main config=my.yaml trainer.steps=50  # a file, then dotlist overrides
+
+OmegaConf merges the structured defaults below, the YAML file and the overrides; a key that does not
+exist or a value of the wrong type fails with the key's name. `validate` then checks values
+(choices, ranges, divisibility) and names the key and the allowed values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
+MODES = ("pipeline", "sync")
+STD_SCOPES = ("batch", "group")
+REWARD_MODES = ("geometric", "mean", "min")
+PARENT_RULES = ("none", "zero", "scale")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "shapes-rt2i"
+    out_dir: str = "runs"            # the run writes runs/<name>/ (metrics.jsonl, grids, final weights)
+    seed: int = 0
+
+
+@dataclass
+class RayConfig:
+    address: str = ""                # "" = RAY_ADDRESS if set (ray job submit sets it), else a local cluster
+    num_cpus: int = 0                # local cluster only; 0 = all cores
+    dashboard: bool = True           # local cluster only; bound to 127.0.0.1
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False            # the tiny shapes model trains all weights; BAGEL-7B uses LoRA
+    rank: int = 32
+    alpha: float = 64.0
+
+
+@dataclass
+class ThinkSection:
+    enabled: bool = True             # reasoning text-to-image: write a plan, then draw
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 0.8
+
+
+@dataclass
+class FlowSection:
+    num_steps: int = 16
+    shift: float = 3.0
+    window_size: int = 10
+    window_start: list[int] = field(default_factory=lambda: [0, 1])
+    noise_level: float = 0.7
+    cfg_text_scale: float = 4.0
+
+
+@dataclass
+class PolicyConfig:
+    checkpoint: str = "checkpoints/shapes-base"
+    base: str = "shapes"             # umm preset filling in what the checkpoint's JSON files do not say
+    canvas_size: int = 32
+    lora: LoraSection = field(default_factory=LoraSection)
+    think: ThinkSection = field(default_factory=ThinkSection)
+    flow: FlowSection = field(default_factory=FlowSection)
+
+
+@dataclass
+class DataConfig:
+    families: list[str] = field(default_factory=lambda: [
+        "single_object", "two_objects", "counting", "colors", "position", "color_attr",
+        "implicit_color", "implicit_count"])
+    group_size: int = 8              # G: samples per prompt
+
+
+@dataclass
+class BackendSection:
+    name: str = "shapes"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardSection:
+    decomposer: BackendSection = field(default_factory=BackendSection)
+    verifier: BackendSection = field(default_factory=BackendSection)
+    mode: str = "geometric"
+    parent_rule: str = "none"
+    cache: str = ""                  # SQLite decomposition cache; "" = runs/<name>/decompositions.sqlite
+
+
+@dataclass
+class LossSection:
+    image_clip: float = 1e-5
+    text_clip_low: float = 0.2
+    text_clip_high: float = 0.28
+    image_kl_weight: float = 0.0
+    text_kl_weight: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    mode: str = "pipeline"           # "pipeline" = Ray pools; "sync" = the same stages in one process
+    steps: int = 30
+    groups_per_step: int = 4         # B: GRPO groups per optimizer step
+    max_staleness: int = 0           # policy versions a group may lag the learner (0 = on-policy)
+    drop_zero_variance: bool = True  # drop groups whose rewards are all equal and refill
+    std_scope: str = "batch"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    loss: LossSection = field(default_factory=LossSection)
+
+
+@dataclass
+class PoolSection:
+    num: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+
+@dataclass
+class LearnerSection:
+    world_size: int = 2
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    zero_stage: int = 3
+    master_port: int = 0             # 0 = pick a free port
+    sync_port: int = 0               # weight-broadcast group's port; 0 = pick a free port
+    bucket_mb: float = 32.0
+
+
+@dataclass
+class PoolsConfig:
+    rollout: PoolSection = field(default_factory=lambda: PoolSection(num=2, num_cpus=0.5))
+    refine: PoolSection = field(default_factory=lambda: PoolSection(num=0, num_cpus=0.5))
+    decomposer: PoolSection = field(default_factory=lambda: PoolSection(num=1, num_cpus=0.25))
+    verifier: PoolSection = field(default_factory=lambda: PoolSection(num=1, num_cpus=0.25))
+    learner: LearnerSection = field(default_factory=lambda: LearnerSection(num_cpus=0.5))
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True             # held-out shapes-geneval before and after training
+    prompts_per_category: int = 8
+    num_steps: int = 20
+    cfg_text_scale: float = 2.0
+    think: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardSection = field(default_factory=RewardSection)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    pools: PoolsConfig = field(default_factory=PoolsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: not one of {allowed}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value!r}: must be >= {low}")
+
+
+def resolve_path(path: str, *, key: str) -> Path:
+    """A directory as given, else relative to the repository (a job's working directory is not the
+    repo: the shipped checkpoint must still be found); absolute in the result."""
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise ConfigError(f"{key}={path!r}: no such directory (looked in {Path.cwd()} and {REPO_ROOT})")
+
+
+def validate(cfg: Config) -> Config:
+    """Check values the types cannot: choices, ranges, divisibility. Returns cfg."""
+    from shapes.prompts import FAMILIES
+
+    t, p, pools = cfg.trainer, cfg.policy, cfg.pools
+    _choice("trainer.mode", t.mode, MODES)
+    _choice("trainer.std_scope", t.std_scope, STD_SCOPES)
+    _choice("reward.mode", cfg.reward.mode, REWARD_MODES)
+    _choice("reward.parent_rule", cfg.reward.parent_rule, PARENT_RULES)
+    for i, fam in enumerate(cfg.data.families):
+        _choice(f"data.families[{i}]", fam, tuple(f for f in FAMILIES if f != "edit"))
+    if not cfg.data.families:
+        raise ConfigError("data.families: empty; name at least one prompt family")
+    _at_least("data.group_size", cfg.data.group_size, 2)
+    _at_least("trainer.steps", t.steps, 0)
+    _at_least("trainer.groups_per_step", t.groups_per_step, 1)
+    _at_least("trainer.max_staleness", t.max_staleness, 0)
+    if t.lr <= 0:
+        raise ConfigError(f"trainer.lr={t.lr!r}: must be > 0")
+    _at_least("policy.flow.num_steps", p.flow.num_steps, 1)
+    if len(p.flow.window_start) != 2 or not 0 <= p.flow.window_start[0] <= p.flow.window_start[1]:
+        raise ConfigError(f"policy.flow.window_start={list(p.flow.window_start)}: need [lo, hi] with 0 <= lo <= hi")
+    if p.flow.window_start[1] + p.flow.window_size > p.flow.num_steps:
+        raise ConfigError(f"policy.flow.window_size={p.flow.window_size} starting as late as step "
+                          f"{p.flow.window_start[1]} does not fit policy.flow.num_steps={p.flow.num_steps}")
+    _at_least("policy.flow.cfg_text_scale", p.flow.cfg_text_scale, 1.0)
+    from umm.config import PRESETS
+    _choice("policy.base", p.base, tuple(PRESETS))
+    p.checkpoint = str(resolve_path(p.checkpoint, key="policy.checkpoint"))
+    _at_least("pools.rollout.num", pools.rollout.num, 1)
+    _at_least("pools.refine.num", pools.refine.num, 0)
+    _at_least("pools.decomposer.num", pools.decomposer.num, 1)
+    _at_least("pools.verifier.num", pools.verifier.num, 1)
+    _at_least("pools.learner.world_size", pools.learner.world_size, 1)
+    _choice("pools.learner.zero_stage", str(pools.learner.zero_stage), ("0", "1", "2", "3"))
+    n = t.groups_per_step * cfg.data.group_size
+    if t.mode == "pipeline" and n % pools.learner.world_size:
+        raise ConfigError(f"trainer.groups_per_step * data.group_size = {n} trajectories per step must divide "
+                          f"evenly over pools.learner.world_size={pools.learner.world_size}")
+    if t.mode == "pipeline" and t.groups_per_step % pools.learner.world_size:
+        raise ConfigError(f"trainer.groups_per_step={t.groups_per_step}: must be a multiple of "
+                          f"pools.learner.world_size={pools.learner.world_size} (each rank trains whole groups)")
+    return cfg
+
+
+def load(argv: list[str] | None = None) -> Config:
+    """Defaults <- configs/default.yaml (or `config=PATH`) <- dotlist overrides; then `validate`."""
+    argv = list(argv or [])
+    path = DEFAULT_CONFIG
+    rest = []
+    for arg in argv:
+        if arg.startswith("config="):
+            path = Path(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    for arg in rest:
+        if "=" not in arg:
+            raise ConfigError(f"override {arg!r}: expected key=value (e.g. trainer.steps=50)")
+    if not path.is_file():
+        raise ConfigError(f"config={str(path)!r}: no such file")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path), OmegaConf.from_dotlist(rest))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key or path}: {msg}") from None
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    return validate(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,315 @@
+"""The streaming trainer on Ray (`trainer.mode=pipeline`). The whole dataflow is in `Pipeline.run`:
+
+    PromptStream ─► RolloutWorker ×N ──meta──► driver            (index, version, plans: small)
+                          │ payload ref ─────────────────────┐   (tokens, latents, log-probs)
+                          │ images ref ──► judge task         │
+                          └─ images ref ──► RewardService ──► driver (rewards: small)
+    driver: ordered batch of B groups ─► advantages ─► LearnerWorker ×W (ZeRO-3), each pulls its
+            shard's payload refs from the object store ─► step ─► weights gathered bucket by bucket
+            ─► broadcast on the weight group ─► every RolloutWorker (version + checksum checked)
+
+The driver moves refs and small records only. Every rollout slot is kept busy as long as the
+staleness bound allows: a group sampled at policy version v may be trained on at learner version L
+only if L - v <= max_staleness (0 = strictly on-policy); older ones are dropped and counted.
+Batches are formed in prompt-stream order, so with max_staleness=0 a step sees exactly the groups
+the sync baseline sees (same prompts, same seeds, same weights).
+"""
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from driver.cluster import JUDGE_TASK_CPUS
+from driver.config import Config
+from driver.metrics import MetricsLog, StepRecord, reward_stats
+from driver.stages import (GroupMeta, GroupRequest, PolicySettings, PromptStream, batch_advantages, groups_loss,
+                           judge_group, policy_factory, settings_from)
+from driver.sync import RunResult, is_zero_variance
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def judge_images(prompt, *images) -> list[bool]:
+    """A Ray task: the strict judge on a group's images (reported per step, not the reward)."""
+    return judge_group(list(images), prompt)
+
+
+@dataclass(kw_only=True)
+class Slot:
+    """A rollout actor and what it is doing."""
+    actor: object
+    index: int
+    version: int = 0
+    busy: object = None               # the meta ref of the group it is sampling
+    syncing: bool = False
+
+
+@dataclass(kw_only=True)
+class Ready:
+    """A sampled group waiting for (or done with) its reward."""
+    req: GroupRequest
+    meta: GroupMeta
+    payload_ref: object
+    judge_ref: object
+    rewards: Future | None = None
+
+
+@dataclass(kw_only=True)
+class Counters:
+    zero_variance: int = 0
+    stale: int = 0
+    staleness_seen: list[int] = field(default_factory=list)   # learner version - group version, per trained group
+
+
+class Pipeline:
+    """Owns the pools for one run; `run()` trains and returns the same RunResult as sync mode."""
+
+    def __init__(self, cfg: Config) -> None:
+        import ray
+
+        from actors.learner import LearnerSpec
+        from actors.policy_learner import PolicyLearner
+        from actors.pool import PoolConfig
+        from actors.reward_workers import RewardService, RewardServiceConfig
+        from actors.rollout import RolloutWorker
+        from reward_service.backends import BackendSpec
+        from reward_service.reward import RewardConfig
+
+        from driver.cluster import check_resources
+        self.cfg, self.ray = cfg, ray
+        check_resources(cfg, ray.cluster_resources())
+        self.settings = settings_from(cfg)
+        p = cfg.pools
+        rollout_cls = ray.remote(RolloutWorker)
+        self.slots = [Slot(actor=rollout_cls.options(num_cpus=p.rollout.num_cpus, num_gpus=p.rollout.num_gpus,
+                                                     name=None).remote(cfg, i), index=i)
+                      for i in range(p.rollout.num)]
+        r = cfg.reward
+        cache = r.cache or None
+        self.reward = RewardService(RewardServiceConfig(
+            decomposer=BackendSpec(name=r.decomposer.name, options=dict(r.decomposer.options)),
+            verifier=BackendSpec(name=r.verifier.name, options=dict(r.verifier.options)),
+            reward=RewardConfig(mode=r.mode, parent_rule=r.parent_rule), cache_path=cache,
+            decomposer_pool=PoolConfig(num_actors=p.decomposer.num, num_cpus=p.decomposer.num_cpus,
+                                       num_gpus=p.decomposer.num_gpus),
+            verifier_pool=PoolConfig(num_actors=p.verifier.num, num_cpus=p.verifier.num_cpus,
+                                     num_gpus=p.verifier.num_gpus)))
+        self.judge = ray.remote(num_cpus=JUDGE_TASK_CPUS)(judge_images)
+        L = p.learner
+        port = L.master_port or free_port()
+        learner_cls = ray.remote(PolicyLearner)
+        self.learners = [learner_cls.options(num_cpus=L.num_cpus, num_gpus=L.num_gpus).remote(LearnerSpec(
+            rank=r_, world_size=L.world_size, master_port=port, model_factory=policy_factory(cfg.policy),
+            lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, grad_clip=cfg.trainer.grad_clip,
+            seed=cfg.run.seed, zero_stage=L.zero_stage, bucket_bytes=int(L.bucket_mb * (1 << 20))))
+            for r_ in range(L.world_size)]
+        ray.get([a.setup.remote() for a in self.learners])
+        self.reward.wait_ready()
+        self._join_weight_group()
+        self.version = 0
+        self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")   # one caller of the service
+        self.qsets: dict[str, object] = {}
+
+    def _join_weight_group(self) -> None:
+        """Learner rank 0 = rank 0 of the weight group; rollout actors ranks 1..N (rendezvous at once)."""
+        port = self.cfg.pools.learner.sync_port or free_port()
+        world = 1 + len(self.slots)
+        joins = [self.learners[0].join_weight_group.remote("127.0.0.1", port, world)]
+        joins += [s.actor.join_weight_group.remote("127.0.0.1", port, world, 1 + s.index) for s in self.slots]
+        self.ray.get(joins)
+
+    # -- stages -----------------------------------------------------------------------------------
+    def _question_set(self, prompt):
+        from reward_service.backends import DecomposeRequest
+        if prompt.id not in self.qsets:
+            self.qsets[prompt.id] = self.reward.decompose_many([DecomposeRequest(prompt=prompt.text,
+                                                                                 meaning=prompt.meaning)])[0]
+        return self.qsets[prompt.id]
+
+    def _score(self, req: GroupRequest, image_refs: list) -> list[float]:
+        """Runs on the scoring thread: the verifier actors fetch the images from the object store."""
+        from actors.reward_workers import ScoreRequest
+        qs = self._question_set(req.prompt)
+        items = [ScoreRequest(key=f"group{req.index}/sample{k}", image=ref, question_set=qs)
+                 for k, ref in enumerate(image_refs)]
+        return [r.reward for r in self.reward.score_many(items)]
+
+    def start_update(self, batch: list[Ready], advantages: list[list[float]]) -> tuple[list, list, list]:
+        """Queue one optimizer step and the weight broadcast after it; returns (step, send, receive) refs.
+
+        Each learner rank gets whole groups and pulls their trajectories from the object store (refs
+        passed as arguments). Actor tasks run in submission order, so on learner rank 0 the manifest
+        is read after the step and before the broadcast, and each rollout actor joins the broadcast
+        after the group it is sampling."""
+        W = len(self.learners)
+        per = len(batch) // W
+        step = [learner.train_groups.remote(advantages[r * per:(r + 1) * per], self.settings,
+                                            *[g.payload_ref for g in batch[r * per:(r + 1) * per]])
+                for r, learner in enumerate(self.learners)]
+        manifest = self.learners[0].weight_manifest.remote()
+        send = [a.broadcast_weights.remote() for a in self.learners]
+        recv = [s.actor.receive_weights.remote(manifest) for s in self.slots]
+        for s in self.slots:
+            s.syncing = True
+        return step, send, recv
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, *, log: MetricsLog | None = None, on_step=None) -> RunResult:
+        """Train `trainer.steps` steps. `on_step(pipeline, record)` runs after each update (weights synced)."""
+        ray, cfg, t = self.ray, self.cfg, self.cfg.trainer
+        t_start = time.perf_counter()
+        result = RunResult()
+        if cfg.eval.enabled:
+            result.before = ray.get(self.slots[0].actor.evaluate.remote())
+        stream = PromptStream(cfg.data.families, seed=cfg.run.seed, canvas_size=cfg.policy.canvas_size)
+        B, s_max = t.groups_per_step, t.max_staleness
+        sampling: dict = {}                 # meta ref -> (slot, req, payload ref, images ref)
+        done: dict[int, Ready] = {}         # index -> sampled group
+        order: deque[int] = deque()         # indices in stream order, not yet consumed or dropped
+        counters = Counters()
+        step, update = 0, None              # update: (learner refs, send refs, recv refs, batch, t0, times)
+        times = {"rollout_wait": 0.0, "learn": 0.0, "sync": 0.0}
+        dropped_since = [0, 0]
+        while step < t.steps:
+            pending_version = self.version + (1 if update is not None else 0)
+            # 1. keep every free slot sampling, as far as the staleness bound allows
+            for slot in self.slots:
+                if slot.busy is not None or slot.syncing:
+                    continue
+                if pending_version - slot.version > s_max:
+                    continue
+                if s_max == 0 and len(order) >= B:
+                    continue                 # on-policy: sample exactly what the next step needs
+                if len(order) >= B * (1 + s_max):
+                    continue
+                req = stream.next_request(group_size=cfg.data.group_size, base_seed=cfg.run.seed,
+                                          policy_version=slot.version)
+                meta_ref, payload_ref, *image_refs = slot.actor.sample.options(
+                    num_returns=2 + req.group_size).remote(req)
+                slot.busy = meta_ref
+                sampling[meta_ref] = (slot, req, payload_ref, image_refs)
+                order.append(req.index)
+            # 2. wait for anything: a finished group, a finished update
+            waitables = list(sampling)
+            if update is not None:
+                waitables += update[0] + update[1] + update[2]
+            t0 = time.perf_counter()
+            ready_refs, _ = ray.wait(waitables, num_returns=1, timeout=0.05) if waitables else ([], [])
+            times["rollout_wait"] += time.perf_counter() - t0
+            for ref in ready_refs:
+                if ref in sampling:
+                    slot, req, payload_ref, image_refs = sampling.pop(ref)
+                    slot.busy = None
+                    meta = ray.get(ref)       # raises if sampling failed (e.g. the worker refused stale weights)
+                    result.trajectories += req.group_size
+                    done[req.index] = Ready(req=req, meta=meta, payload_ref=payload_ref,
+                                            judge_ref=self.judge.remote(req.prompt, *image_refs),
+                                            rewards=self.scorer.submit(self._score, req, image_refs))
+            # 3. an update finished: record it, bump versions
+            if update is not None and all(_done(ray, r) for r in update[0] + update[1] + update[2]):
+                learner_refs, send, recv, batch, t_upd, stats_times = update
+                results = ray.get(learner_refs)
+                ray.get(send)
+                versions = ray.get(recv)
+                self.version = results[0].version
+                for slot, v in zip(self.slots, versions):
+                    slot.version, slot.syncing = v, False
+                stats_times["learn+sync"] = time.perf_counter() - t_upd
+                rec = self._record(step, batch, results, counters, dropped_since, stats_times)
+                result.steps.append(rec)
+                if result.first_loss is None:
+                    result.first_loss = rec.loss
+                if log is not None:
+                    log.add(rec)
+                if on_step is not None:
+                    on_step(self, rec)
+                dropped_since = [0, 0]
+                step += 1
+                update = None
+                if step >= t.steps:
+                    break
+            # 4. drop what cannot be used; when B groups in stream order are scored, start an update
+            if update is None:
+                batch = self._take_batch(order, done, B, counters, dropped_since)
+                if batch is not None:
+                    adv = batch_advantages([g.rewards.result() for g in batch], std_scope=t.std_scope)
+                    counters.staleness_seen += [self.version - g.req.policy_version for g in batch]
+                    update = (*self.start_update(batch, adv.per_group), batch, time.perf_counter(), {})
+        for ref in list(sampling):
+            sampling.pop(ref)
+        if cfg.eval.enabled:
+            result.after = ray.get(self.slots[0].actor.evaluate.remote())
+        result.seconds = time.perf_counter() - t_start
+        self.counters = counters
+        return result
+
+    def _take_batch(self, order: deque, done: dict, B: int, counters: Counters, dropped_since: list[int]):
+        """The first B usable groups in stream order, once all of them are scored; drops on the way."""
+        picked = []
+        for idx in list(order):
+            g = done.get(idx)
+            if g is None or not g.rewards.done():
+                return None                    # keep stream order: wait for this one
+            rewards = g.rewards.result()       # raises if the reward failed: an error, never a 0
+            if self.version - g.req.policy_version > self.cfg.trainer.max_staleness:
+                counters.stale += 1
+                dropped_since[1] += 1
+                order.remove(idx)
+                continue
+            if self.cfg.trainer.drop_zero_variance and is_zero_variance(rewards):
+                counters.zero_variance += 1
+                dropped_since[0] += 1
+                order.remove(idx)
+                continue
+            picked.append(idx)
+            if len(picked) == B:
+                for i in picked:
+                    order.remove(i)
+                return [done.pop(i) for i in picked]
+        return None
+
+    def _record(self, step: int, batch: list[Ready], results, counters: Counters, dropped_since: list[int],
+                times: dict[str, float]) -> StepRecord:
+        rewards = [g.rewards.result() for g in batch]
+        mean, std = reward_stats(rewards)
+        judged = [ok for g in batch for ok in self.ray.get(g.judge_ref)]
+        stale = [self.version - 1 - g.req.policy_version for g in batch]
+        loss = sum(r.loss for r in results) / len(results) if results else 0.0
+        st = [r.stats for r in results]
+        return StepRecord(step=step, policy_version=self.version, groups=len(batch), reward_mean=mean,
+                          reward_std=std, judge_acc=sum(judged) / len(judged), loss=loss,
+                          image_loss=sum(s.get("image_loss", 0.0) for s in st) / len(st),
+                          text_loss=sum(s.get("text_loss", 0.0) for s in st) / len(st),
+                          staleness_max=max(stale), staleness_mean=sum(stale) / len(stale),
+                          zero_variance_dropped=dropped_since[0], stale_dropped=dropped_since[1],
+                          seconds={"rollout": sum(g.meta.seconds for g in batch) / max(1, len(self.slots)),
+                                   **times})
+
+    def checksums(self) -> tuple[int, list[int]]:
+        """(learner's gathered checksum, each rollout actor's)."""
+        learner = self.ray.get([a.trainable_checksum.remote() for a in self.learners])[0]
+        return learner, self.ray.get([s.actor.checksum.remote() for s in self.slots])
+
+    def shutdown(self) -> None:
+        self.scorer.shutdown(wait=False, cancel_futures=True)
+        self.reward.shutdown()
+        for a in self.learners:
+            try:
+                self.ray.get(a.shutdown.remote(), timeout=30)
+            except Exception:
+                pass
+            self.ray.kill(a)
+        for s in self.slots:
+            self.ray.kill(s.actor)
+
+
+def _done(ray, ref) -> bool:
+    ready, _ = ray.wait([ref], timeout=0)
+    return bool(ready)

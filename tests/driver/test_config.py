@@ -1,0 +1,49 @@
+"""The run configuration: defaults load, overrides apply, bad values name their key."""
+import pytest
+
+from driver.config import ConfigError, load, to_yaml
+
+
+def test_default_config_is_the_shapes_world():
+    cfg = load([])
+    assert cfg.trainer.mode == "pipeline"
+    assert cfg.policy.checkpoint.endswith("checkpoints/shapes-base")
+    assert cfg.reward.decomposer.name == cfg.reward.verifier.name == "shapes"
+    assert cfg.pools.learner.world_size >= 2
+
+
+def test_dotlist_overrides_and_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("trainer:\n  steps: 7\ndata:\n  group_size: 4\n")
+    cfg = load([f"config={path}", "trainer.steps=9", "trainer.mode=sync"])
+    assert (cfg.trainer.steps, cfg.data.group_size, cfg.trainer.mode) == (9, 4, "sync")
+    assert "steps: 9" in to_yaml(cfg)
+
+
+@pytest.mark.parametrize("override, names", [
+    ("trainer.mode=async", ["trainer.mode", "pipeline", "sync"]),
+    ("trainer.stepz=3", ["trainer.stepz"]),
+    ("trainer.steps=many", ["trainer.steps"]),
+    ("data.families=[single_object,edit]", ["data.families[1]", "edit"]),
+    ("data.group_size=1", ["data.group_size", ">= 2"]),
+    ("reward.mode=max", ["reward.mode", "geometric"]),
+    ("policy.flow.window_size=20", ["policy.flow.window_size", "num_steps"]),
+    ("policy.checkpoint=/nonexistent", ["policy.checkpoint", "/nonexistent"]),
+    ("trainer.groups_per_step=3", ["trainer.groups_per_step", "world_size"]),
+    ("steps", ["key=value"]),
+])
+def test_bad_values_name_the_key(override, names):
+    with pytest.raises(ConfigError) as e:
+        load([override])
+    for n in names:
+        assert n in str(e.value)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load([f"config={tmp_path / 'nope.yaml'}"])
+
+
+def test_sync_mode_does_not_need_divisible_learner_shards():
+    cfg = load(["trainer.mode=sync", "trainer.groups_per_step=3"])
+    assert cfg.trainer.groups_per_step == 3
