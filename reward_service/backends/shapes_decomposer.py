@@ -106,3 +106,12 @@ class ShapesDecomposer:
 
     def decompose(self, prompt: str, *, meaning: Meaning) -> QuestionSet:
         return decompose(prompt, meaning=meaning)
+
+    def decompose_batch(self, requests: list) -> list[QuestionSet]:
+        """`DecomposeRequest`s (each must carry its `meaning`) -> question sets, in order."""
+        out = []
+        for r in requests:
+            if r.meaning is None:
+                raise ValueError(f"shapes decomposer: prompt {r.prompt!r} has no structured meaning")
+            out.append(decompose(r.prompt, meaning=r.meaning))
+        return out

@@ -109,3 +109,6 @@ class ShapesVerifier:
 
     def answer(self, image: Image.Image | np.ndarray, qs: QuestionSet) -> list[float]:
         return answer_set(image, qs)
+
+    def answer_batch(self, items: list[tuple[Image.Image | np.ndarray, QuestionSet]]) -> list[list[float]]:
+        return [answer_set(image, qs) for image, qs in items]

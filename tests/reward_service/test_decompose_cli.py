@@ -82,7 +82,9 @@ def test_a_bad_row_is_named_and_nothing_is_written(tmp_path, capsys, bad_line, m
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--backend", "vllm"], "LLM decomposer adapters are not built yet"),
+    (["--backend", "vllm"], "option(s) ['model'] required"),
+    (["--backend", "vllm", "--option", "model=m", "--option", "modle=x"], "unknown option(s) ['modle']"),
+    (["--option", "model=m"], "backend 'shapes' takes no options"),
     (["--backend", "magic"], "not one of"),
 ])
 def test_backend_errors(tmp_path, capsys, args, match):

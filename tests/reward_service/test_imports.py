@@ -1,5 +1,6 @@
-"""reward_service/ layering: no Ray/vLLM in these modules, a light package init, and only the shapes
-backends know about the shapes world (the rest serves any decomposer and verifier)."""
+"""reward_service/ layering: no Ray/DeepSpeed anywhere, vLLM only in its backend module, light package
+inits, and only the shapes backends know about the shapes world (the rest serves any decomposer and
+verifier)."""
 import pytest
 
 from tests.test_import_boundaries import DISTRIBUTED, ROOT, imported_roots
@@ -8,9 +9,12 @@ PACKAGE = ROOT / "reward_service"
 WORLD_AGNOSTIC = ["schema.py", "templates.py", "parse.py", "aggregate.py", "cache.py", "reward.py", "decompose.py"]
 
 
+VLLM_MODULES = {PACKAGE / "backends" / "vllm_backend.py"}       # built only when backend "vllm" is asked for
+
+
 def test_no_distributed_stack():
     for path in PACKAGE.rglob("*.py"):
-        bad = imported_roots(path) & DISTRIBUTED
+        bad = imported_roots(path) & (DISTRIBUTED - ({"vllm"} if path in VLLM_MODULES else set()))
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
@@ -26,5 +30,7 @@ def test_core_modules_do_not_import_the_shapes_world_at_top_level(name):
 
 
 def test_package_inits_stay_light():
-    for init in (PACKAGE / "__init__.py", PACKAGE / "backends" / "__init__.py"):
-        assert not imported_roots(init) - {"__future__"}, f"{init} imports modules"
+    assert not imported_roots(PACKAGE / "__init__.py") - {"__future__"}
+    # the backend interface records (BackendSpec, DecomposeRequest) and the factory; backends load lazily
+    init = PACKAGE / "backends" / "__init__.py"
+    assert not imported_roots(init) - {"__future__", "dataclasses", "typing", "reward_service"}, init
