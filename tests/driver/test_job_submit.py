@@ -60,9 +60,14 @@ def test_ray_job_submit_runs_the_driver(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     markers = [str(temp_dir), f"127.0.0.1:{gcs}"]
     try:
+        # every port of its own: the session's test cluster (tests/conftest.py) may hold the defaults,
+        # and a dashboard agent that cannot bind leaves the job server with "No available agent"
+        ports = [f"--{name}={free_port()}" for name in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+            "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")]
         subprocess.run([str(RAY), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-                        "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                        "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats", *ports],
                        check=True, env=env, capture_output=True, timeout=300)
         runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}}
         submit = [str(RAY), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
