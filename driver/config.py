@@ -97,7 +97,7 @@ class RewardSection:
     verifier: BackendSection = field(default_factory=BackendSection)
     mode: str = "geometric"
     parent_rule: str = "none"
-    cache: str = ""                  # SQLite decomposition cache; "" = runs/<name>/decompositions.sqlite
+    cache: str = ""                  # SQLite decomposition cache shared by the decomposer actors; "" = none
 
 
 @dataclass
