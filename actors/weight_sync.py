@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import socket
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -174,6 +175,13 @@ def model_checksum(model: nn.Module, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES
 
 
 # --------------------------------------------------------------------------- the broadcast group
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now (for a rendezvous store about to be created)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
 
 class BroadcastGroup:
     """A gloo process group of its own (rank 0 = learner rank 0), independent of torch.distributed's

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import time
 
@@ -25,17 +24,13 @@ from actors.weight_sync import (
     BroadcastGroup,
     WeightReceiver,
     build_manifest,
+    free_port,
     gathered_buckets,
     send_weights,
     trainable_named_parameters,
     weights_checksum,
 )
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _synthetic(total_bytes: int, tensor_bytes: int, *, fill: bool) -> nn.Module:
@@ -86,7 +81,7 @@ def measure_sync(*, total_bytes: int = 64 << 20, n_receivers: int = 1, bucket_by
                  tensor_bytes: int = 4 << 20, repeats: int = 3) -> dict:
     """Time `repeats` syncs of `total_bytes` to `n_receivers` processes; returns the P2 ratio and parts."""
     ctx = mp.get_context("spawn")
-    port, world, results = _free_port(), n_receivers + 1, ctx.Queue()
+    port, world, results = free_port(), n_receivers + 1, ctx.Queue()
     sizes = (total_bytes, tensor_bytes, bucket_bytes)
     procs = [ctx.Process(target=_receiver, args=(r, world, port, sizes, repeats, results), daemon=True)
              for r in range(1, world)]

@@ -16,12 +16,12 @@ the sync baseline sees (same prompts, same seeds, same weights).
 """
 from __future__ import annotations
 
-import socket
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from actors.weight_sync import free_port
 from driver.cluster import JUDGE_TASK_CPUS
 from driver.config import Config
 from driver.metrics import MetricsLog, StepRecord, reward_stats
@@ -29,11 +29,6 @@ from driver.stages import (GroupMeta, GroupRequest, PolicySettings, PromptStream
                            judge_group, policy_factory, settings_from)
 from driver.sync import RunResult, is_zero_variance
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def judge_images(prompt, *images) -> list[bool]:

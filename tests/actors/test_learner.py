@@ -9,13 +9,12 @@
 from __future__ import annotations
 
 import functools
-import socket
 
 import pytest
 import torch
 
 from actors.learner import LearnerSpec, LearnerWorker
-from actors.weight_sync import BroadcastGroup, WeightReceiver, model_checksum, trainable_named_parameters
+from actors.weight_sync import BroadcastGroup, WeightReceiver, free_port, model_checksum, trainable_named_parameters
 from grpo.policy import FlowConfig, LossConfig, ThinkConfig, grpo_loss, rollout
 from umm.context import DrawPrompt, Text
 from umm.guidance import CFGConfig
@@ -30,11 +29,6 @@ HYPER = dict(lr=5e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4, grad_clip
 BUCKET = 64 << 10
 TIMEOUT = 300
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def grpo_loss_fn(model, batch):

@@ -9,7 +9,6 @@ refusing to sample (ready_for False), and the group stays in step for the next s
 from __future__ import annotations
 
 import random
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from actors.weight_sync import (
     WeightReceiver,
     WeightSyncError,
     build_manifest,
+    free_port,
     gathered_buckets,
     model_checksum,
     plan_buckets,
@@ -31,11 +31,6 @@ from tests.umm.helpers import tiny_model
 
 SMALL_BUCKET = 64 << 10  # the tiny model's ~0.85 MB of trainable weights -> a dozen buckets
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- plan

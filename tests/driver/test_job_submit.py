@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,16 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from actors.weight_sync import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).parent / "ray"
 SMALL = ["trainer.steps=2", "policy.flow.num_steps=4", "policy.flow.window_size=2", "policy.think.max_new_tokens=6",
          "data.group_size=4", "trainer.groups_per_step=2", "eval.enabled=false", "trainer.drop_zero_variance=false"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def processes_of(marker: str) -> list[int]:
