@@ -9,8 +9,6 @@ and a worker holding another version (or whose last broadcast failed its checksu
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from driver.config import Config
@@ -53,13 +51,6 @@ class RolloutWorker:
                                 num_steps=ev.num_steps, cfg_text_scale=ev.cfg_text_scale, think=ev.think)
 
     # -- weights ----------------------------------------------------------------------------------
-    def node_ip(self) -> str:
-        import ray
-        return ray.util.get_node_ip_address()
-
-    def pid(self) -> int:
-        return os.getpid()
-
     def join_weight_group(self, host: str, port: int, world_size: int, rank: int) -> None:
         """Join the weight-broadcast group (rank 0 is learner rank 0) and start holding version 0."""
         from actors.weight_sync import BroadcastGroup, WeightReceiver

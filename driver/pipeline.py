@@ -30,7 +30,6 @@ from driver.stages import (GroupMeta, GroupRequest, PolicySettings, PromptStream
 from driver.sync import RunResult, is_zero_variance
 
 
-
 def judge_images(prompt, *images) -> list[bool]:
     """A Ray task: the strict judge on a group's images (reported per step, not the reward)."""
     return judge_group(list(images), prompt)
@@ -83,8 +82,8 @@ class Pipeline:
         self.settings = settings_from(cfg)
         p = cfg.pools
         rollout_cls = ray.remote(RolloutWorker)
-        self.slots = [Slot(actor=rollout_cls.options(num_cpus=p.rollout.num_cpus, num_gpus=p.rollout.num_gpus,
-                                                     name=None).remote(cfg, i), index=i)
+        rollout_opts = {"num_cpus": p.rollout.num_cpus, "num_gpus": p.rollout.num_gpus}
+        self.slots = [Slot(actor=rollout_cls.options(**rollout_opts).remote(cfg, i), index=i)
                       for i in range(p.rollout.num)]
         r = cfg.reward
         cache = r.cache or None
@@ -208,7 +207,7 @@ class Pipeline:
                                             judge_ref=self.judge.remote(req.prompt, *image_refs),
                                             rewards=self.scorer.submit(self._score, req, image_refs))
             # 3. an update finished: record it, bump versions
-            if update is not None and all(_done(ray, r) for r in update[0] + update[1] + update[2]):
+            if update is not None and _all_done(ray, update[0] + update[1] + update[2]):
                 learner_refs, send, recv, batch, t_upd, stats_times = update
                 results = ray.get(learner_refs)
                 ray.get(send)
@@ -237,8 +236,6 @@ class Pipeline:
                     adv = batch_advantages([g.rewards.result() for g in batch], std_scope=t.std_scope)
                     counters.staleness_seen += [self.version - g.req.policy_version for g in batch]
                     update = (*self.start_update(batch, adv.per_group), batch, time.perf_counter(), {})
-        for ref in list(sampling):
-            sampling.pop(ref)
         if cfg.eval.enabled:
             result.after = ray.get(self.slots[0].actor.evaluate.remote())
         result.seconds = time.perf_counter() - t_start
@@ -305,6 +302,6 @@ class Pipeline:
             self.ray.kill(s.actor)
 
 
-def _done(ray, ref) -> bool:
-    ready, _ = ray.wait([ref], timeout=0)
-    return bool(ready)
+def _all_done(ray, refs: list) -> bool:
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+    return len(ready) == len(refs)

@@ -12,7 +12,6 @@ Records that cross actor boundaries:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,10 +115,6 @@ class PromptStream:
             p = generate(fam, self.rng, canvas_size=self.canvas_size)
             if not is_held_out(p.text, family=p.family, canvas_size=self.canvas_size):
                 return p
-
-    def requests(self, *, group_size: int, base_seed: int, policy_version: int) -> Iterator[GroupRequest]:
-        while True:
-            yield self.next_request(group_size=group_size, base_seed=base_seed, policy_version=policy_version)
 
     def next_request(self, *, group_size: int, base_seed: int, policy_version: int) -> GroupRequest:
         i = self.index
