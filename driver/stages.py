@@ -194,7 +194,7 @@ def groups_loss(model: UnifiedModel, payloads: list[GroupPayload], advantages: l
         total = total + res.loss / len(payloads)
         stats["image_loss"] += res.image_loss / len(payloads)
         stats["text_loss"] += res.text_loss / len(payloads)
-        stats["image_clip_frac"] += float(getattr(res.image, "clip_frac", 0.0)) / len(payloads)
+        stats["image_clip_frac"] += res.image.clipfrac / len(payloads)
     stats["loss"] = float(total.detach())
     return total, stats
 
