@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -43,8 +43,10 @@ from actors.weight_sync import (
     SyncStats,
     WeightManifest,
     build_manifest,
+    free_port,
     gathered_buckets,
     model_checksum,
+    node_ip,
     send_weights,
     trainable_named_parameters,
 )
@@ -57,9 +59,10 @@ class LearnerSpec:
     """Everything one learner rank needs (picklable: it crosses into a Ray actor)."""
     rank: int                                  # this rank in the learner group, 0..world_size-1
     world_size: int                            # learner ranks (DeepSpeed data-parallel size)
-    master_port: int                           # rendezvous port of DeepSpeed's group (not the weight group's)
     model_factory: Callable[[], nn.Module]     # picklable; returns the policy with trainable params set
-    master_addr: str = "127.0.0.1"             # rank 0's address
+    master_port: int = 0                       # rendezvous port of DeepSpeed's group (not the weight group's);
+                                               # 0 = given to setup() (the driver asks rank 0: `rendezvous`)
+    master_addr: str = "127.0.0.1"             # rank 0's address (idem)
     local_rank: int = 0                        # device index on this node (0 when Ray gives one GPU)
     lr: float = 5e-5                           # AdamW, the method's constant lr
     betas: tuple[float, float] = (0.9, 0.999)
@@ -77,7 +80,7 @@ class LearnerSpec:
         checks = {
             "world_size": self.world_size >= 1,
             "rank": 0 <= self.rank < self.world_size,
-            "master_port": 0 < self.master_port < 65536,
+            "master_port": 0 <= self.master_port < 65536,
             "model_factory": callable(self.model_factory),
             "lr": self.lr > 0,
             "betas": all(0 <= b < 1 for b in self.betas),
@@ -141,9 +144,22 @@ class LearnerWorker:
         self.group: BroadcastGroup | None = None
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> dict:
-        """Join DeepSpeed's group and build the engine; a collective over all learner ranks."""
+    def rendezvous(self) -> tuple[str, int]:
+        """(this node's IP, a port free on it): where a group hosted by this rank can meet. The driver
+        asks learner rank 0 for DeepSpeed's group and for the weight group, so ranks and receivers on
+        other nodes reach it (a local cluster's node IP is 127.0.0.1)."""
+        host = node_ip()
+        return host, free_port(host)
+
+    def setup(self, master_addr: str | None = None, master_port: int | None = None) -> dict:
+        """Join DeepSpeed's group and build the engine; a collective over all learner ranks. The
+        rendezvous address defaults to the spec's (`master_addr`/`master_port`)."""
         s = self.spec
+        if master_addr is not None or master_port is not None:
+            s = self.spec = replace(s, master_addr=master_addr or s.master_addr,
+                                    master_port=master_port or s.master_port)
+        if not 0 < s.master_port < 65536:
+            raise ValueError(f"LearnerSpec.master_port: no rendezvous port (got {s.master_port}); pass one to setup()")
         cuda = torch.cuda.is_available()
         os.environ.update(MASTER_ADDR=s.master_addr, MASTER_PORT=str(s.master_port), RANK=str(s.rank),
                           WORLD_SIZE=str(s.world_size), LOCAL_RANK=str(s.local_rank))
@@ -206,7 +222,7 @@ class LearnerWorker:
         the other learner ranks stay out of it but still take part in the gathers."""
         if self.spec.rank == 0:
             self.group = BroadcastGroup(host=addr, port=port, rank=0, world_size=world_size,
-                                        timeout_s=self.spec.timeout_s)
+                                        timeout_s=self.spec.timeout_s, local_host=addr)
 
     def broadcast_weights(self) -> SyncStats:
         """Gather the trainable weights bucket by bucket; rank 0 broadcasts each. All ranks must call."""

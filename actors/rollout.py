@@ -36,14 +36,17 @@ class RolloutWorker:
     def sample(self, req: GroupRequest) -> tuple:
         """(meta, payload, image_0, ..., image_{G-1}): call with `num_returns=2 + group_size` so each
         image is its own object (a verifier pulls only the images it scores)."""
-        if req.policy_version != self.version:
-            raise StaleWeightsError(f"rollout worker {self.index}: asked for policy v{req.policy_version}, "
-                                    f"holds v{self.version}")
-        if self.receiver is not None and not self.receiver.ready_for(req.policy_version):
-            raise StaleWeightsError(f"rollout worker {self.index}: weights for v{req.policy_version} "
-                                    "did not pass their checksum; refusing to sample")
+        self.check_version(req.policy_version)
         meta, payload, images = sample_group(self.model, self.tok, req, self.settings)
         return (meta, payload, *list(images))
+
+    def check_version(self, version: int) -> None:
+        """Refuse to sample for another policy version than the one held (and verified, once joined)."""
+        name = f"{type(self).__name__} {self.index}"
+        if version != self.version:
+            raise StaleWeightsError(f"{name}: asked for policy v{version}, holds v{self.version}")
+        if self.receiver is not None and not self.receiver.ready_for(version):
+            raise StaleWeightsError(f"{name}: weights for v{version} did not pass their checksum; refusing to sample")
 
     def evaluate(self) -> dict[str, float]:
         ev = self.cfg.eval
@@ -53,8 +56,8 @@ class RolloutWorker:
     # -- weights ----------------------------------------------------------------------------------
     def join_weight_group(self, host: str, port: int, world_size: int, rank: int) -> None:
         """Join the weight-broadcast group (rank 0 is learner rank 0) and start holding version 0."""
-        from actors.weight_sync import BroadcastGroup, WeightReceiver
-        self.group = BroadcastGroup(host=host, port=port, rank=rank, world_size=world_size)
+        from actors.weight_sync import BroadcastGroup, WeightReceiver, node_ip
+        self.group = BroadcastGroup(host=host, port=port, rank=rank, world_size=world_size, local_host=node_ip())
         self.receiver = WeightReceiver(self.model, bucket_bytes=int(self.cfg.pools.learner.bucket_mb * (1 << 20)),
                                        initial_version=self.version)
 

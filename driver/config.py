@@ -65,6 +65,7 @@ class FlowSection:
     window_start: list[int] = field(default_factory=lambda: [0, 1])
     noise_level: float = 0.7
     cfg_text_scale: float = 4.0
+    cfg_image_scale: float = 1.5     # edits (refine workers) only: guidance on the source image
 
 
 @dataclass
@@ -216,6 +217,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"policy.flow.window_size={p.flow.window_size} starting as late as step "
                           f"{p.flow.window_start[1]} does not fit policy.flow.num_steps={p.flow.num_steps}")
     _at_least("policy.flow.cfg_text_scale", p.flow.cfg_text_scale, 1.0)
+    _at_least("policy.flow.cfg_image_scale", p.flow.cfg_image_scale, 1.0)
     from umm.config import PRESETS
     _choice("policy.base", p.base, tuple(PRESETS))
     p.checkpoint = str(resolve_path(p.checkpoint, key="policy.checkpoint"))

@@ -41,7 +41,7 @@ def run(cfg: Config) -> dict:
         try:
             result = pipe.run(log=log)
             learner_sum, actor_sums = pipe.checksums()
-            print(f"weights: learner checksum {learner_sum:#010x}, rollout actors "
+            print(f"weights: learner checksum {learner_sum:#010x}, replicas (rollout, refine) "
                   f"{', '.join(f'{c:#010x}' for c in actor_sums)}", flush=True)
         finally:
             pipe.shutdown()

@@ -23,12 +23,14 @@ class StepRecord:
     staleness_mean: float
     zero_variance_dropped: int       # groups dropped (and refilled) since the previous step
     stale_dropped: int               # groups too far behind (max_staleness) since the previous step
+    image_clip_frac: float = 0.0     # share of trained SDE steps whose ratio left the PPO clip range
     seconds: dict[str, float] = field(default_factory=dict)   # stage -> seconds (wall, this step)
 
     def line(self) -> str:
         times = " ".join(f"{k}={v:.1f}s" for k, v in self.seconds.items())
         return (f"step {self.step:4d} v{self.policy_version} | reward {self.reward_mean:.3f}±{self.reward_std:.3f} "
-                f"judge {self.judge_acc:5.1%} | loss {self.loss:+.4f} | stale max {self.staleness_max} "
+                f"judge {self.judge_acc:5.1%} | loss {self.loss:+.4f} clip {self.image_clip_frac:.0%} "
+                f"| stale max {self.staleness_max} "
                 f"mean {self.staleness_mean:.2f} | dropped zero-var {self.zero_variance_dropped} "
                 f"stale {self.stale_dropped} | {times}")
 

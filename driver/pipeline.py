@@ -21,7 +21,6 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from actors.weight_sync import free_port
 from driver.cluster import JUDGE_TASK_CPUS
 from driver.config import Config
 from driver.metrics import MetricsLog, StepRecord, reward_stats
@@ -56,6 +55,21 @@ class Ready:
 
 
 @dataclass(kw_only=True)
+class Update:
+    """One optimizer step in flight: its refs, its batch, and how stale each group was when batched."""
+    step: list                        # learner ranks' train refs
+    send: list                        # learner ranks' broadcast refs
+    receive: list                     # replicas' receive refs (rollout actors first, then refine actors)
+    batch: list[Ready]
+    staleness: list[int]              # learner version - group's sampling version, per group
+    started: float
+
+    @property
+    def refs(self) -> list:
+        return self.step + self.send + self.receive
+
+
+@dataclass(kw_only=True)
 class Counters:
     zero_variance: int = 0
     stale: int = 0
@@ -71,6 +85,7 @@ class Pipeline:
         from actors.learner import LearnerSpec
         from actors.policy_learner import PolicyLearner
         from actors.pool import PoolConfig
+        from actors.refine import RefineWorker
         from actors.reward_workers import RewardService, RewardServiceConfig
         from actors.rollout import RolloutWorker
         from reward_service.backends import BackendSpec
@@ -85,6 +100,10 @@ class Pipeline:
         rollout_opts = {"num_cpus": p.rollout.num_cpus, "num_gpus": p.rollout.num_gpus}
         self.slots = [Slot(actor=rollout_cls.options(**rollout_opts).remote(cfg, i), index=i)
                       for i in range(p.rollout.num)]
+        # the refinement pool (SRR): policy replicas that take every weight broadcast like the rollout actors
+        refine_cls = ray.remote(RefineWorker)
+        self.refiners = [refine_cls.options(num_cpus=p.refine.num_cpus, num_gpus=p.refine.num_gpus).remote(cfg, i)
+                         for i in range(p.refine.num)]
         r = cfg.reward
         cache = r.cache or None
         self.reward = RewardService(RewardServiceConfig(
@@ -97,14 +116,15 @@ class Pipeline:
                                      num_gpus=p.verifier.num_gpus)))
         self.judge = ray.remote(num_cpus=JUDGE_TASK_CPUS)(judge_images)
         L = p.learner
-        port = L.master_port or free_port()
         learner_cls = ray.remote(PolicyLearner)
         self.learners = [learner_cls.options(num_cpus=L.num_cpus, num_gpus=L.num_gpus).remote(LearnerSpec(
-            rank=r_, world_size=L.world_size, master_port=port, model_factory=policy_factory(cfg.policy),
+            rank=r_, world_size=L.world_size, model_factory=policy_factory(cfg.policy),
             lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, grad_clip=cfg.trainer.grad_clip,
             seed=cfg.run.seed, zero_stage=L.zero_stage, bucket_bytes=int(L.bucket_mb * (1 << 20))))
             for r_ in range(L.world_size)]
-        ray.get([a.setup.remote() for a in self.learners])
+        # DeepSpeed's group meets on learner rank 0's node (wherever Ray placed it)
+        addr, port = ray.get(self.learners[0].rendezvous.remote())
+        ray.get([a.setup.remote(addr, L.master_port or port) for a in self.learners])
         self.reward.wait_ready()
         self._join_weight_group()
         self.version = 0
@@ -112,12 +132,20 @@ class Pipeline:
         self.qsets: dict[str, object] = {}
 
     def _join_weight_group(self) -> None:
-        """Learner rank 0 = rank 0 of the weight group; rollout actors ranks 1..N (rendezvous at once)."""
-        port = self.cfg.pools.learner.sync_port or free_port()
-        world = 1 + len(self.slots)
-        joins = [self.learners[0].join_weight_group.remote("127.0.0.1", port, world)]
-        joins += [s.actor.join_weight_group.remote("127.0.0.1", port, world, 1 + s.index) for s in self.slots]
+        """Learner rank 0 = rank 0 of the weight group, hosted on its node; then the replicas: rollout
+        actors, refine actors (rendezvous at once)."""
+        addr, port = self.ray.get(self.learners[0].rendezvous.remote())
+        port = self.cfg.pools.learner.sync_port or port
+        replicas = self.replicas
+        world = 1 + len(replicas)
+        joins = [self.learners[0].join_weight_group.remote(addr, port, world)]
+        joins += [actor.join_weight_group.remote(addr, port, world, 1 + i) for i, actor in enumerate(replicas)]
         self.ray.get(joins)
+
+    @property
+    def replicas(self) -> list:
+        """Every actor holding a policy copy, in weight-group rank order (rollout, then refine)."""
+        return [s.actor for s in self.slots] + self.refiners
 
     # -- stages -----------------------------------------------------------------------------------
     def _question_set(self, prompt):
@@ -135,8 +163,8 @@ class Pipeline:
                  for k, ref in enumerate(image_refs)]
         return [r.reward for r in self.reward.score_many(items)]
 
-    def start_update(self, batch: list[Ready], advantages: list[list[float]]) -> tuple[list, list, list]:
-        """Queue one optimizer step and the weight broadcast after it; returns (step, send, receive) refs.
+    def start_update(self, batch: list[Ready], advantages: list[list[float]]) -> Update:
+        """Queue one optimizer step and the weight broadcast after it.
 
         Each learner rank gets whole groups and pulls their trajectories from the object store (refs
         passed as arguments). Actor tasks run in submission order, so on learner rank 0 the manifest
@@ -149,10 +177,11 @@ class Pipeline:
                 for r, learner in enumerate(self.learners)]
         manifest = self.learners[0].weight_manifest.remote()
         send = [a.broadcast_weights.remote() for a in self.learners]
-        recv = [s.actor.receive_weights.remote(manifest) for s in self.slots]
+        recv = [actor.receive_weights.remote(manifest) for actor in self.replicas]
         for s in self.slots:
             s.syncing = True
-        return step, send, recv
+        return Update(step=step, send=send, receive=recv, batch=batch, started=time.perf_counter(),
+                      staleness=[self.version - g.req.policy_version for g in batch])
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, *, log: MetricsLog | None = None, on_step=None) -> RunResult:
@@ -168,8 +197,7 @@ class Pipeline:
         done: dict[int, Ready] = {}         # index -> sampled group
         order: deque[int] = deque()         # indices in stream order, not yet consumed or dropped
         counters = Counters()
-        step, update = 0, None              # update: (learner refs, send refs, recv refs, batch, t0, times)
-        times = {"rollout_wait": 0.0, "learn": 0.0, "sync": 0.0}
+        step, update = 0, None              # the Update in flight
         dropped_since = [0, 0]
         while step < t.steps:
             pending_version = self.version + (1 if update is not None else 0)
@@ -193,10 +221,8 @@ class Pipeline:
             # 2. wait for anything: a finished group, a finished update
             waitables = list(sampling)
             if update is not None:
-                waitables += update[0] + update[1] + update[2]
-            t0 = time.perf_counter()
+                waitables += update.refs
             ready_refs, _ = ray.wait(waitables, num_returns=1, timeout=0.05) if waitables else ([], [])
-            times["rollout_wait"] += time.perf_counter() - t0
             for ref in ready_refs:
                 if ref in sampling:
                     slot, req, payload_ref, image_refs = sampling.pop(ref)
@@ -207,16 +233,14 @@ class Pipeline:
                                             judge_ref=self.judge.remote(req.prompt, *image_refs),
                                             rewards=self.scorer.submit(self._score, req, image_refs))
             # 3. an update finished: record it, bump versions
-            if update is not None and _all_done(ray, update[0] + update[1] + update[2]):
-                learner_refs, send, recv, batch, t_upd, stats_times = update
-                results = ray.get(learner_refs)
-                ray.get(send)
-                versions = ray.get(recv)
+            if update is not None and _all_done(ray, update.refs):
+                results = ray.get(update.step)
+                ray.get(update.send)
+                versions = ray.get(update.receive)
                 self.version = results[0].version
                 for slot, v in zip(self.slots, versions):
                     slot.version, slot.syncing = v, False
-                stats_times["learn+sync"] = time.perf_counter() - t_upd
-                rec = self._record(step, batch, results, counters, dropped_since, stats_times)
+                rec = self._record(step, update, results, dropped_since)
                 result.steps.append(rec)
                 if result.first_loss is None:
                     result.first_loss = rec.loss
@@ -234,8 +258,8 @@ class Pipeline:
                 batch = self._take_batch(order, done, B, counters, dropped_since)
                 if batch is not None:
                     adv = batch_advantages([g.rewards.result() for g in batch], std_scope=t.std_scope)
-                    counters.staleness_seen += [self.version - g.req.policy_version for g in batch]
-                    update = (*self.start_update(batch, adv.per_group), batch, time.perf_counter(), {})
+                    update = self.start_update(batch, adv.per_group)
+                    counters.staleness_seen += update.staleness
         if cfg.eval.enabled:
             result.after = ray.get(self.slots[0].actor.evaluate.remote())
         result.seconds = time.perf_counter() - t_start
@@ -267,12 +291,11 @@ class Pipeline:
                 return [done.pop(i) for i in picked]
         return None
 
-    def _record(self, step: int, batch: list[Ready], results, counters: Counters, dropped_since: list[int],
-                times: dict[str, float]) -> StepRecord:
+    def _record(self, step: int, update: Update, results, dropped_since: list[int]) -> StepRecord:
+        batch, stale = update.batch, update.staleness
         rewards = [g.rewards.result() for g in batch]
         mean, std = reward_stats(rewards)
         judged = [ok for g in batch for ok in self.ray.get(g.judge_ref)]
-        stale = [self.version - 1 - g.req.policy_version for g in batch]
         loss = sum(r.loss for r in results) / len(results) if results else 0.0
         st = [r.stats for r in results]
         return StepRecord(step=step, policy_version=self.version, groups=len(batch), reward_mean=mean,
@@ -281,13 +304,14 @@ class Pipeline:
                           text_loss=sum(s.get("text_loss", 0.0) for s in st) / len(st),
                           staleness_max=max(stale), staleness_mean=sum(stale) / len(stale),
                           zero_variance_dropped=dropped_since[0], stale_dropped=dropped_since[1],
+                          image_clip_frac=sum(s.get("image_clip_frac", 0.0) for s in st) / len(st),
                           seconds={"rollout": sum(g.meta.seconds for g in batch) / max(1, len(self.slots)),
-                                   **times})
+                                   "learn+sync": time.perf_counter() - update.started})
 
     def checksums(self) -> tuple[int, list[int]]:
-        """(learner's gathered checksum, each rollout actor's)."""
+        """(learner's gathered checksum, each replica's: rollout actors, then refine actors)."""
         learner = self.ray.get([a.trainable_checksum.remote() for a in self.learners])[0]
-        return learner, self.ray.get([s.actor.checksum.remote() for s in self.slots])
+        return learner, self.ray.get([actor.checksum.remote() for actor in self.replicas])
 
     def shutdown(self) -> None:
         self.scorer.shutdown(wait=False, cancel_futures=True)
@@ -298,8 +322,8 @@ class Pipeline:
             except Exception:
                 pass
             self.ray.kill(a)
-        for s in self.slots:
-            self.ray.kill(s.actor)
+        for actor in self.replicas:
+            self.ray.kill(actor)
 
 
 def _all_done(ray, refs: list) -> bool:

@@ -38,6 +38,18 @@ class GroupRequest:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RefineRequest:
+    """Redraw an image as an edit, G times: the source image and an instruction in, G edits out."""
+    index: int
+    prompt: Prompt                   # the prompt the source image was drawn for (what the reward checks)
+    source: np.ndarray               # (H, W, 3) uint8: the image to refine
+    instruction: str                 # the edit instruction (SRR: the model's own, after its critique)
+    group_size: int
+    seed: int
+    policy_version: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class GroupMeta:
     index: int
     prompt_id: str
@@ -52,6 +64,7 @@ class GroupPayload:
     index: int
     draw_prompts: list[DrawPrompt]   # G copies of the prompt's context
     rollout: Rollout
+    guidance: CFGConfig | None = None  # the CFG the group was drawn with when not the run's (edits)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +74,8 @@ class PolicySettings:
     flow: FlowConfig
     loss: LossConfig
     canvas_size: int
+    edit_guidance: CFGConfig         # CFG of edits (refine workers): text + source-image guidance
+
 
 
 def policy_settings(policy: PolicyConfig, trainer: TrainerConfig) -> PolicySettings:
@@ -71,7 +86,9 @@ def policy_settings(policy: PolicyConfig, trainer: TrainerConfig) -> PolicySetti
                       cfg=CFGConfig(text_scale=f.cfg_text_scale))
     loss = LossConfig(image_clip=lc.image_clip, text_clip_low=lc.text_clip_low, text_clip_high=lc.text_clip_high,
                       image_kl_weight=lc.image_kl_weight, text_kl_weight=lc.text_kl_weight)
-    return PolicySettings(think=think, flow=flow, loss=loss, canvas_size=policy.canvas_size)
+    edit = CFGConfig(text_scale=f.cfg_text_scale, image_scale=f.cfg_image_scale, renorm_type="text_channel")
+    return PolicySettings(think=think, flow=flow, loss=loss, canvas_size=policy.canvas_size,
+                          edit_guidance=edit)
 
 
 def load_policy(policy: PolicyConfig) -> UnifiedModel:
@@ -157,6 +174,36 @@ def sample_group(model: UnifiedModel, tok, req: GroupRequest, settings: PolicySe
     return meta, GroupPayload(index=req.index, draw_prompts=dps, rollout=ro), images
 
 
+@torch.no_grad()
+def refine_group(model: UnifiedModel, tok, req: RefineRequest, settings: PolicySettings
+                 ) -> tuple[GroupMeta, GroupPayload, np.ndarray]:
+    """G edits of `req.source` following `req.instruction` (SDE path with log-probs, edit CFG: text and
+    source image), deterministic given the seed and the weights. The reflection text that writes the
+    instruction belongs to SRR; here the instruction is given."""
+    import time
+    from dataclasses import replace
+
+    from shapes.pretrain_data import to_pixels
+    from shapes.tokenizer import turn_ids
+    from umm.context import Image, Text
+    t0 = time.perf_counter()
+    src = np.asarray(req.source)
+    if src.dtype != np.uint8 or src.ndim != 3 or src.shape[2] != 3:
+        raise ValueError(f"refine request {req.index}: source must be a uint8 (H, W, 3) array, got "
+                         f"{src.dtype} {src.shape}")
+    pixels = to_pixels(src)
+    text = Text(ids=tuple(turn_ids(tok, "user", req.instruction)))
+    dps = [DrawPrompt(prefix=[Image(pixels=pixels)], text=text) for _ in range(req.group_size)]
+    hw = model.latent_grid(settings.canvas_size, settings.canvas_size)
+    gen = torch.Generator().manual_seed(req.seed)
+    ro = rollout(model, dps, hw=hw, think=None, flow=replace(settings.flow, cfg=settings.edit_guidance),
+                 generator=gen, policy_version=req.policy_version)
+    images = to_uint8(model, ro.flow.latents[-1], hw)
+    meta = GroupMeta(index=req.index, prompt_id=req.prompt.id, policy_version=req.policy_version,
+                     plans=("",) * req.group_size, seconds=time.perf_counter() - t0)
+    return meta, GroupPayload(index=req.index, draw_prompts=dps, rollout=ro, guidance=settings.edit_guidance), images
+
+
 def judge_group(images: np.ndarray, prompt: Prompt) -> list[bool]:
     """The programmatic judge's strict verdict per image (reported, not the reward)."""
     from shapes.judge import judge
@@ -190,7 +237,7 @@ def groups_loss(model: UnifiedModel, payloads: list[GroupPayload], advantages: l
     stats = {"image_loss": 0.0, "text_loss": 0.0, "image_clip_frac": 0.0}
     for p, adv in zip(payloads, advantages):
         res = grpo_loss(model, p.draw_prompts, p.rollout, torch.tensor(adv, dtype=torch.float32),
-                        think=settings.think, cfg=settings.flow.cfg, loss=settings.loss)
+                        think=settings.think, cfg=p.guidance or settings.flow.cfg, loss=settings.loss)
         total = total + res.loss / len(payloads)
         stats["image_loss"] += res.image_loss / len(payloads)
         stats["text_loss"] += res.text_loss / len(payloads)
@@ -204,25 +251,30 @@ def settings_from(cfg: Config) -> PolicySettings:
 
 
 class LocalReward:
-    """DVReward in this process (sync mode; the Ray pipeline uses the reward actor pools instead)."""
+    """DVReward in this process (sync mode): the same DecomposerWorker and VerifierWorker classes the
+    Ray pools run, called directly."""
 
     def __init__(self, cfg: Config) -> None:
-        from reward_service.backends import BackendSpec, build_decomposer, build_verifier
+        from actors.reward_workers import DecomposerWorker, VerifierWorker
+        from reward_service.backends import BackendSpec
+        from reward_service.reward import RewardConfig
         r = cfg.reward
-        self.decomposer = build_decomposer(BackendSpec(name=r.decomposer.name, options=dict(r.decomposer.options)))
-        self.verifier = build_verifier(BackendSpec(name=r.verifier.name, options=dict(r.verifier.options)))
-        self.mode, self.parent_rule = r.mode, r.parent_rule
+        self.decomposer = DecomposerWorker(BackendSpec(name=r.decomposer.name, options=dict(r.decomposer.options)),
+                                           cache_path=r.cache or None)
+        self.verifier = VerifierWorker(BackendSpec(name=r.verifier.name, options=dict(r.verifier.options)),
+                                       reward=RewardConfig(mode=r.mode, parent_rule=r.parent_rule))
         self._sets: dict[str, object] = {}       # prompt id -> question set (never re-decomposed)
 
     def score(self, prompt: Prompt, images: np.ndarray) -> list[float]:
-        from reward_service.aggregate import aggregate
+        from actors.reward_workers import ScoreRequest
         from reward_service.backends import DecomposeRequest
         qs = self._sets.get(prompt.id)
         if qs is None:
-            qs = self._sets[prompt.id] = self.decomposer.decompose_batch(
-                [DecomposeRequest(prompt=prompt.text, meaning=prompt.meaning)])[0]
-        scores = self.verifier.answer_batch([(img, qs) for img in images])
-        return [aggregate(qs, s, mode=self.mode, parent_rule=self.parent_rule).reward for s in scores]
+            request = DecomposeRequest(prompt=prompt.text, meaning=prompt.meaning)
+            qs = self._sets[prompt.id] = self.decomposer.decompose([request]).question_sets[0]
+        requests = [ScoreRequest(key=f"{prompt.id}/sample{k}", image=np.ascontiguousarray(img), question_set=qs)
+                    for k, img in enumerate(images)]
+        return [r.reward for r in self.verifier.score(requests)]
 
 
 def evaluate_heldout(model: UnifiedModel, tok, *, prompts_per_category: int, num_steps: int, cfg_text_scale: float,

@@ -78,7 +78,8 @@ def train_sync(cfg: Config, *, log: MetricsLog | None = None, model=None) -> Run
         rec = StepRecord(step=step, policy_version=version, groups=len(batch), reward_mean=mean, reward_std=std,
                          judge_acc=sum(judged) / len(judged), loss=stats["loss"], image_loss=stats["image_loss"],
                          text_loss=stats["text_loss"], staleness_max=0, staleness_mean=0.0,
-                         zero_variance_dropped=dropped, stale_dropped=0, seconds=times)
+                         zero_variance_dropped=dropped, stale_dropped=0, image_clip_frac=stats["image_clip_frac"],
+                         seconds=times)
         if result.first_loss is None:
             result.first_loss = stats["loss"]
         result.steps.append(rec)

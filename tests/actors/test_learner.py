@@ -82,6 +82,9 @@ def test_spec_validation_names_the_field():
     cfg = LearnerSpec(rank=0, world_size=2, master_port=1234, model_factory=tiny_model,
                       persistence_threshold=0).deepspeed_config()
     assert cfg["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    no_port = LearnerWorker(LearnerSpec(rank=0, world_size=1, model_factory=tiny_model))
+    with pytest.raises(ValueError, match="master_port"):
+        no_port.setup()
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +93,12 @@ def stepped(ray_cluster):
     import ray
 
     Learner = ray.remote(num_cpus=0)(LearnerWorker)
-    port = free_port()
-    specs = [LearnerSpec(rank=r, world_size=2, master_port=port, model_factory=functools.partial(tiny_model, seed=0),
+    specs = [LearnerSpec(rank=r, world_size=2, model_factory=functools.partial(tiny_model, seed=0),
                          persistence_threshold=0, bucket_bytes=BUCKET, seed=0, **HYPER) for r in range(2)]
     learners = [Learner.remote(s) for s in specs]
-    infos = ray.get([lr.setup.remote() for lr in learners], timeout=TIMEOUT)
+    addr, port = ray.get(learners[0].rendezvous.remote(), timeout=TIMEOUT)   # rank 0's node, a free port there
+    assert addr == "127.0.0.1"                                                 # the local test cluster's node IP
+    infos = ray.get([lr.setup.remote(addr, port) for lr in learners], timeout=TIMEOUT)
     shards = halves()
     results = ray.get([lr.train_step.remote(grpo_loss_fn, shard) for lr, shard in zip(learners, shards)],
                       timeout=TIMEOUT)

@@ -24,18 +24,33 @@ def run_pipeline(overrides, *, on_step=None):
 
 
 def test_pipeline_trains_and_every_actor_holds_the_learners_weights(ray_cluster):
-    seen = []
+    import numpy as np
+
+    from actors.rollout import StaleWeightsError
+    from driver.stages import RefineRequest
+    from shapes.prompts import generate
+    seen, refined = [], []
 
     def check(pipe, rec):
         learner, actors = pipe.checksums()
         seen.append((rec.policy_version, learner, actors))
+        # the refine actor draws edits with the version it was just sent, and refuses any other
+        prompt = generate("edit", __import__("random").Random(rec.step), canvas_size=32)
+        req = RefineRequest(index=rec.step, prompt=prompt, source=np.zeros((32, 32, 3), np.uint8),
+                            instruction=prompt.text, group_size=2, seed=rec.step, policy_version=rec.policy_version)
+        meta_ref, _, *image_refs = pipe.refiners[0].refine.options(num_returns=4).remote(req)
+        refined.append((ray.get(meta_ref).policy_version, [ray.get(r).shape for r in image_refs]))
+        stale = RefineRequest(**{**req.__dict__, "policy_version": rec.policy_version - 1})
+        with pytest.raises(StaleWeightsError, match="RefineWorker 0: asked for policy"):
+            ray.get(pipe.refiners[0].refine.options(num_returns=4).remote(stale)[0])
 
-    pipe, result = run_pipeline(["trainer.steps=2"], on_step=check)
+    pipe, result = run_pipeline(["trainer.steps=2", "pools.refine.num=1"], on_step=check)
     assert [r.policy_version for r in result.steps] == [1, 2]
     for r in result.steps:
         assert math.isfinite(r.loss) and math.isfinite(r.reward_mean) and 0 <= r.judge_acc <= 1
-    for version, learner, actors in seen:
-        assert actors == [learner, learner], f"after v{version}: learner {learner:#x}, actors {actors}"
+    for version, learner, actors in seen:   # 2 rollout actors, then the refine actor
+        assert actors == [learner, learner, learner], f"after v{version}: learner {learner:#x}, actors {actors}"
+    assert refined == [(1, [(32, 32, 3)] * 2), (2, [(32, 32, 3)] * 2)]
     assert seen[0][1] != seen[1][1]                       # the weights did change between steps
     assert [s.version for s in pipe.slots] == [2, 2]
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from driver.config import load
-from driver.stages import (GroupRequest, PromptStream, batch_advantages, groups_loss, judge_group, load_policy,
-                           sample_group, settings_from)
+from driver.stages import (GroupRequest, PromptStream, RefineRequest, batch_advantages, groups_loss, judge_group,
+                           load_policy, refine_group, sample_group, settings_from)
 from shapes.benchmark import is_held_out
 from shapes.tokenizer import build_tokenizer
 
@@ -78,3 +78,31 @@ def test_groups_loss_is_on_policy_and_moves_weights_with_the_advantage(small):
     model.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match="2 groups but 1"):
         groups_loss(model, pays, adv[:1], s)
+
+
+def test_refine_group_edits_the_source_and_is_recomputable_on_policy(small):
+    from grpo.policy import recompute
+    from shapes.prompts import generate
+    from shapes.scene import render
+
+    cfg, model, tok = small
+    s = settings_from(cfg)
+    prompt = generate("edit", __import__("random").Random(4), canvas_size=32)
+    source = np.asarray(render(prompt.meaning.source), dtype=np.uint8)
+    req = RefineRequest(index=0, prompt=prompt, source=source, instruction=prompt.text, group_size=3, seed=11,
+                        policy_version=0)
+    meta, pay, img = refine_group(model, tok, req, s)
+    assert img.shape == (3, 32, 32, 3) and img.dtype == np.uint8 and meta.plans == ("", "", "")
+    np.testing.assert_array_equal(img, refine_group(model, tok, req, s)[2])        # seeded
+    assert pay.guidance == s.edit_guidance and pay.guidance.image_scale == cfg.policy.flow.cfg_image_scale
+    # the edit is conditioned on the source: another source, same seed -> other images
+    other = RefineRequest(**{**req.__dict__, "source": np.full_like(source, 255)})
+    assert not np.array_equal(img, refine_group(model, tok, other, s)[2])
+    # the learner recomputes with the payload's own guidance: ratio 1; the run's text-only CFG would not be
+    with torch.no_grad():
+        same = recompute(model, pay.draw_prompts, pay.rollout, think=None, cfg=pay.guidance)
+        text_only = recompute(model, pay.draw_prompts, pay.rollout, think=None, cfg=s.flow.cfg)
+    torch.testing.assert_close(same.image_logp, pay.rollout.flow.logp, atol=1e-5, rtol=0)
+    assert (text_only.image_logp - pay.rollout.flow.logp).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="refine request 0: source must be a uint8"):
+        refine_group(model, tok, RefineRequest(**{**req.__dict__, "source": source.astype(np.float32)}), s)
