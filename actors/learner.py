@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from actors.node import node_ip
 from actors.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     BroadcastGroup,
@@ -46,7 +47,6 @@ from actors.weight_sync import (
     free_port,
     gathered_buckets,
     model_checksum,
-    node_ip,
     send_weights,
     trainable_named_parameters,
 )

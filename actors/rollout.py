@@ -56,7 +56,8 @@ class RolloutWorker:
     # -- weights ----------------------------------------------------------------------------------
     def join_weight_group(self, host: str, port: int, world_size: int, rank: int) -> None:
         """Join the weight-broadcast group (rank 0 is learner rank 0) and start holding version 0."""
-        from actors.weight_sync import BroadcastGroup, WeightReceiver, node_ip
+        from actors.node import node_ip
+        from actors.weight_sync import BroadcastGroup, WeightReceiver
         self.group = BroadcastGroup(host=host, port=port, rank=rank, world_size=world_size, local_host=node_ip())
         self.receiver = WeightReceiver(self.model, bucket_bytes=int(self.cfg.pools.learner.bucket_mb * (1 << 20)),
                                        initial_version=self.version)

@@ -183,17 +183,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def node_ip() -> str:
-    """This process's node address as Ray knows it (127.0.0.1 outside Ray or on a local cluster)."""
-    try:
-        import ray  # lazy: weight sync itself does not need Ray
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:
-        pass
-    return "127.0.0.1"
-
-
 class BroadcastGroup:
     """A gloo process group of its own (rank 0 = learner rank 0), independent of torch.distributed's
     default group, which DeepSpeed owns; it counts the collectives it runs."""

@@ -157,7 +157,7 @@ class Pipeline:
 
     def _score(self, req: GroupRequest, image_refs: list) -> list[float]:
         """Runs on the scoring thread: the verifier actors fetch the images from the object store."""
-        from actors.reward_workers import ScoreRequest
+        from reward_service.scoring import ScoreRequest
         qs = self._question_set(req.prompt)
         items = [ScoreRequest(key=f"group{req.index}/sample{k}", image=ref, question_set=qs)
                  for k, ref in enumerate(image_refs)]

@@ -255,7 +255,7 @@ class LocalReward:
     Ray pools run, called directly."""
 
     def __init__(self, cfg: Config) -> None:
-        from actors.reward_workers import DecomposerWorker, VerifierWorker
+        from reward_service.scoring import DecomposerWorker, VerifierWorker
         from reward_service.backends import BackendSpec
         from reward_service.reward import RewardConfig
         r = cfg.reward
@@ -266,7 +266,7 @@ class LocalReward:
         self._sets: dict[str, object] = {}       # prompt id -> question set (never re-decomposed)
 
     def score(self, prompt: Prompt, images: np.ndarray) -> list[float]:
-        from actors.reward_workers import ScoreRequest
+        from reward_service.scoring import ScoreRequest
         from reward_service.backends import DecomposeRequest
         qs = self._sets.get(prompt.id)
         if qs is None:

@@ -42,7 +42,7 @@ def test_package_inits_stay_light():
 
 
 @pytest.mark.parametrize("module", ["driver/stages.py", "driver/sync.py", "driver/config.py", "driver/metrics.py",
-                                    "actors/weight_sync.py"])
+                                    "actors/weight_sync.py", "reward_service/scoring.py"])
 def test_stage_code_has_no_ray(module):
     """The stage functions and the sync baseline run without Ray; actors are shells around them."""
     bad = imported_roots(ROOT / module) & {"ray", "vllm"}

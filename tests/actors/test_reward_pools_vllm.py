@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from actors.reward_workers import (DecomposerWorker, RewardService, RewardServiceConfig,  # noqa: E402
-                                   ScoreRequest, VerifierWorker)
+from actors.reward_workers import RewardService, RewardServiceConfig  # noqa: E402
+from reward_service.scoring import DecomposerWorker, ScoreRequest, VerifierWorker  # noqa: E402
 from actors.pool import PoolConfig  # noqa: E402
 from bench.tiny_models import build_idefics3, build_qwen2  # noqa: E402
 from reward_service.backends import BackendSpec, DecomposeRequest, build_verifier  # noqa: E402

@@ -8,7 +8,8 @@ import pytest
 import ray
 
 from actors.pool import PoolConfig, RequestsFailed
-from actors.reward_workers import DecomposerWorker, RewardService, RewardServiceConfig, ScoreRequest, VerifierWorker
+from actors.reward_workers import RewardService, RewardServiceConfig
+from reward_service.scoring import DecomposerWorker, ScoreRequest, VerifierWorker
 from reward_service.backends import BackendSpec
 from reward_service.backends.shapes_verifier import ShapesVerifier
 from reward_service.reward import DVReward, RewardConfig

@@ -4,8 +4,9 @@ import re
 import numpy as np
 import pytest
 
-from actors.reward_workers import (DecomposerKeyError, DecomposerWorker, RewardServiceConfig, ScoreRequest,
-                                   VerifierWorker, check_image, request_key)
+from actors.reward_workers import RewardServiceConfig
+from reward_service.scoring import (DecomposerKeyError, DecomposerWorker, ScoreRequest, VerifierWorker, check_image,
+                                    request_key)
 from reward_service.backends import BackendSpec
 from reward_service.backends.shapes_verifier import ShapesVerifier
 from reward_service.cache import DecompositionCache
