@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from driver.cluster import JUDGE_TASK_CPUS
 from driver.config import Config
 from driver.metrics import MetricsLog, StepRecord, reward_stats
-from driver.stages import (GroupMeta, GroupRequest, PolicySettings, PromptStream, batch_advantages, groups_loss,
-                           judge_group, policy_factory, settings_from)
+from driver.stages import (GroupMeta, GroupRequest, PromptStream, batch_advantages, judge_group, policy_factory,
+                           settings_from)
 from driver.sync import RunResult, is_zero_variance
 
 
