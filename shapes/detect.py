@@ -6,7 +6,9 @@ square (aspect < 0.8) lowers every score, so two touching same-coloured objects 
 Shape probabilities are a softmax of IoU / SHAPE_TAU over the shapes plus an "other" option scored
 OTHER_IOU. Colour: each palette colour's ink-weighted mean distance from its mixing line over the
 component, turned into probabilities by a Gaussian (COLOUR_SIGMA) with an "other" option at
-OTHER_RESIDUAL. Components below `world.speck_area` are stray blobs, not objects.
+OTHER_RESIDUAL. Components below `world.speck_area` are stray blobs, not objects; so is ink that
+touches all four edges of the canvas (a filled or tinted background, never a drawn object: a grey
+canvas would otherwise pass for one canvas-sized square).
 """
 from __future__ import annotations
 
@@ -119,8 +121,9 @@ def analyse(image: Image.Image | np.ndarray) -> Analysis:
     min_area = speck_area(max(seg.labels.shape))
     found, strays, stray_area = [], 0, 0
     mask = np.zeros(seg.labels.shape, dtype=bool)
+    height, width = seg.labels.shape
     for comp in components(seg.labels):
-        if comp.area < min_area:
+        if comp.area < min_area or comp.bbox == (0, 0, width, height):
             strays += 1
             stray_area += comp.area
         else:

@@ -265,10 +265,24 @@ def save_run(model: UnifiedModel, cfg: PretrainConfig, log: list[dict], out: str
     return out
 
 
+def _task_weights(text: str) -> tuple[float, ...]:
+    """--task-weights 0.5,0.2,...: one non-negative weight per task in TASKS order."""
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if len(weights) != len(TASKS) or min(weights) < 0 or sum(weights) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"need {len(TASKS)} non-negative weights (not all 0) for {','.join(TASKS)}, got {text!r}")
+    return weights
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(PretrainConfig):
         if f.name == "task_weights":
+            ap.add_argument("--task-weights", type=_task_weights, default=f.default,
+                            help=f"comma-separated weights for {','.join(TASKS)}")
             continue
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     ap.add_argument("--resume", action="store_true", help="continue the run saved in --out")

@@ -6,8 +6,9 @@ Per object spec i (ids in brackets; parents after the arrow):
   [a<i>] attribute  "is the circle red?"                 -> e<i>   atom: colour_of (coloured spec whose
                                                                     shape no other spec shares)
 then [r] spatial "is the circle to the left of the square?" -> e<subject>, e<object> (atom: relation),
-[n] negative "is there nothing in the image besides a red circle and a square?" (atom: only — the
-judge's no-extras clause), for edits [p<k>] spatial "is the red circle still at the top left?" per
+[n] negative "is there nothing in the image besides a red circle and a square?" -> every e<i> (atom:
+only — the judge's no-extras clause; without the parents an empty canvas would pass it, and drawing
+nothing would out-score drawing the wrong thing), for edits [p<k>] spatial "is the red circle still at the top left?" per
 object that must stay (atom: stays), and three quality questions the shapes verifier measures:
   [qg] geometry   clean edges       (atom: quality / clean_edges)
   [qc] coherence  no stray blobs    (atom: quality / no_stray_blobs)
@@ -26,7 +27,7 @@ from shapes.meaning import Meaning, join_phrases, noun_phrase
 from shapes.questions import AtomicQuestion
 from shapes.scene import Object
 
-VERSION = DecomposerVersion(name="shapes", template_version="shapes-v1")
+VERSION = DecomposerVersion(name="shapes", template_version="shapes-v2")
 MAX_COUNT_ASKED = 5          # AtomicQuestion counts (and number words) go to five
 QUALITY_QUESTIONS: tuple[tuple[str, str, str, str], ...] = (
     # (id, aspect, quality key, text)
@@ -76,7 +77,7 @@ def _relation_and_negative(meaning: Meaning) -> list[Question]:
                             parents=(f"e{rel.subject}", f"e{rel.object}"), atom=atom_of(r)))
     phrase = join_phrases([noun_phrase(s) for s in meaning.objects])
     out.append(Question(id="n", text=f"is there nothing in the image besides {phrase}?", kind="semantic",
-                        category="negative",
+                        category="negative", parents=tuple(f"e{i}" for i in range(len(meaning.objects))),
                         atom={"kind": "only", "specs": [{"shape": s.shape, "colour": s.colour} for s in meaning.objects]}))
     if meaning.preserve:
         size = meaning.source.canvas_size if meaning.source is not None else None

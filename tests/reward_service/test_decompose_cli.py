@@ -41,7 +41,7 @@ def test_cli_fills_the_cache_then_hits_it(tmp_path):
     n = len({shapes_decomposer.decompose(p.text, meaning=p.meaning).prompt_hash for p in prompts})
     assert first.returncode == 0, first.stderr
     assert f"prompts={n} already_cached=0 decomposed={n} stored={n} hit_rate=0.000" in first.stdout
-    assert "decompose (shapes@shapes-v1)" in first.stderr                    # the progress bar
+    assert "decompose (shapes@shapes-v2)" in first.stderr                    # the progress bar
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert f"already_cached={n} decomposed=0 stored=0 hit_rate=1.000" in second.stdout, second.stdout
     cache = DecompositionCache(cache_path)

@@ -40,7 +40,7 @@ def test_parents_follow_the_dsg_structure():
     prompt = generate("position", random.Random(3))
     qs = shapes_decomposer.decompose(prompt.text, meaning=prompt.meaning)
     by_id = {q.id: q for q in qs.questions}
-    assert by_id["c0"].parents == ("e0",) and by_id["r"].parents == ("e0", "e1") and by_id["n"].parents == ()
+    assert by_id["c0"].parents == ("e0",) and by_id["r"].parents == ("e0", "e1") and by_id["n"].parents == ("e0", "e1")
     assert by_id["r"].text.startswith("is the ") and by_id["r"].category == "spatial"
 
 
