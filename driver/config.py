@@ -64,6 +64,7 @@ class FlowSection:
     window_size: int = 10
     window_start: list[int] = field(default_factory=lambda: [0, 1])
     noise_level: float = 0.7
+    noise_block: int = 1             # SDE noise shared by K x K latent blocks (1 = Flow-GRPO; see grpo/sde.py)
     cfg_text_scale: float = 4.0
     cfg_image_scale: float = 1.5     # edits (refine workers) only: guidance on the source image
 
@@ -216,6 +217,7 @@ def validate(cfg: Config) -> Config:
     if p.flow.window_start[1] + p.flow.window_size > p.flow.num_steps:
         raise ConfigError(f"policy.flow.window_size={p.flow.window_size} starting as late as step "
                           f"{p.flow.window_start[1]} does not fit policy.flow.num_steps={p.flow.num_steps}")
+    _at_least("policy.flow.noise_block", p.flow.noise_block, 1)
     _at_least("policy.flow.cfg_text_scale", p.flow.cfg_text_scale, 1.0)
     _at_least("policy.flow.cfg_image_scale", p.flow.cfg_image_scale, 1.0)
     from umm.config import PRESETS

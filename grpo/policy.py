@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from grpo.losses import LossStats, image_ppo_loss, text_grpo_loss, text_weight_for, trajectory_loss
-from grpo.sde import FlowTrajectory, VelocityFn, recompute_steps, sample_flow, sde_window, timestep_schedule
+from grpo.sde import (FlowTrajectory, NoiseBasis, VelocityFn, recompute_steps, sample_flow, sde_window,
+                      timestep_schedule)
 from umm.context import DrawPrompt, GuidanceContexts, Text, encode_context, item_segments
 from umm.generation import TextSample, generate_text, token_logprobs
 from umm.lora import adapters_disabled
@@ -44,6 +45,7 @@ class FlowConfig:
     window_size: int = 10
     window_start: tuple[int, int] = (0, 1)
     noise_level: float = 0.7
+    noise_block: int = 1           # exploration noise shared by K x K latent blocks (1 = Flow-GRPO; grpo.sde)
     cfg: CFGConfig = field(default_factory=CFGConfig)
 
 
@@ -112,8 +114,10 @@ def rollout(model: UnifiedModel, prompts: list[DrawPrompt], *, hw: tuple[int, in
     window = sde_window(flow.num_steps, window_size=flow.window_size, start_range=flow.window_start,
                         generator=generator)
     noise = torch.randn(B, hw[0] * hw[1], model.cfg.patch_latent_dim, generator=generator)
+    basis = (NoiseBasis(grid=hw, patch=model.cfg.latent_patch_size, channels=model.cfg.vae.z_channels,
+                        block=flow.noise_block) if flow.noise_block > 1 else None)
     path = sample_flow(velocity_fn(model, contexts, hw=hw, cfg=flow.cfg), noise, timesteps=timesteps,
-                       sde_steps=window, noise_level=flow.noise_level, generator=generator)
+                       sde_steps=window, noise_level=flow.noise_level, generator=generator, basis=basis)
     return Rollout(think=sample, flow=path, hw=hw, policy_version=policy_version)
 
 

@@ -1,5 +1,7 @@
 """The bring-up checklist through the real (tiny) model and the trainer's code path:
 on-policy ratios are 1, and one optimizer step moves log-probs in the advantage's direction."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -20,15 +22,16 @@ def _prompts(n):
     return [DrawPrompt(prefix=[system], text=Text(ids=tuple(range(30, 32 + i % 3)))) for i in range(n)]
 
 
-def _rollout(model, prompts, seed=0):
-    return rollout(model, prompts, hw=HW, think=THINK, flow=FLOW, generator=torch.Generator().manual_seed(seed))
+def _rollout(model, prompts, seed=0, flow=FLOW):
+    return rollout(model, prompts, hw=HW, think=THINK, flow=flow, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-def test_on_policy_ratio_is_one_for_text_and_every_trained_step(batch):
+@pytest.mark.parametrize("batch,noise_block", [(1, 1), (4, 1), (4, 2)])
+def test_on_policy_ratio_is_one_for_text_and_every_trained_step(batch, noise_block):
     model = tiny_model()
     prompts = _prompts(batch)
-    ro = _rollout(model, prompts)
+    ro = _rollout(model, prompts, flow=replace(FLOW, noise_block=noise_block))
+    assert (ro.flow.basis is None) == (noise_block == 1)
     assert ro.flow.logp.shape == (FLOW.window_size, batch)
     assert ro.flow.latents.dtype == torch.float32 and ro.think.logp.dtype == torch.float32
     with torch.no_grad():
