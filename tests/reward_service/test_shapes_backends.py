@@ -83,6 +83,22 @@ def test_correct_renders_score_high_for_every_family():
         assert [r.id for r in result.rows] == [q.id for q in qs.questions]
 
 
+@pytest.mark.parametrize("family", ["single_object", "colors", "two_objects", "counting"])
+def test_drawing_nothing_never_beats_drawing_something(family):
+    """An empty or uniformly filled canvas scores 0 under the scaled/zeroed parent rule; under "none"
+    (the released code) the empty canvas still passes the negative and quality questions."""
+    prompt = generate(family, random.Random(7), canvas_size=32)
+    qs = shapes_decomposer.decompose(prompt.text, meaning=prompt.meaning)
+    empty, grey = (Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (255, 128))
+    correct = render(sample_scene(prompt.meaning, random.Random(7), canvas_size=32))
+    for rule in ("scale", "zero"):
+        dv = DVReward(ShapesVerifier(), config=RewardConfig(parent_rule=rule))
+        assert dv.score(empty, qs).reward == 0.0 and dv.score(grey, qs).reward == 0.0, rule
+        assert dv.score(correct, qs).reward > 0.9
+    loose = DVReward(ShapesVerifier(), config=RewardConfig(parent_rule="none")).score(empty, qs)
+    assert loose.reward > 0.3 and {r.id: r.score for r in loose.rows}["n"] == 1.0
+
+
 def _degrade(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Stray specks and a noisy, tinted background: what quality questions should catch."""
     a = np.asarray(image).astype(np.float64)

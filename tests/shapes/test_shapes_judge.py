@@ -64,6 +64,18 @@ def test_unknown_ink_and_merged_blobs_are_not_world_objects():
     assert not verdict.correct
 
 
+@pytest.mark.parametrize("fill", [(128, 128, 128), (220, 30, 30)])
+def test_a_filled_canvas_is_background_not_a_canvas_sized_square(fill):
+    arr = np.full((32, 32, 3), fill, dtype=np.uint8)
+    assert detect(arr) == []
+    assert not judge(arr, Meaning(objects=(ObjectSpec(shape="square"),))).correct
+    arr[8:24, 8:24] = 255                             # a frame touching all four edges: still not an object
+    assert detect(arr) == []
+    inset = np.full((32, 32, 3), 255, dtype=np.uint8)
+    inset[1:31, 1:31] = fill                          # one white pixel of margin: a (huge) square
+    assert [d.shape for d in detect(inset)] == ["square"]
+
+
 def test_verdict_lists_its_clauses():
     meaning = Meaning(objects=(ObjectSpec(shape="circle", colour="red"), ObjectSpec(shape="square")),
                       relation=Relation(subject=0, relation="left_of", object=1))
