@@ -2,6 +2,7 @@
 import random
 from collections import Counter
 
+import pytest
 import torch
 
 from shapes.benchmark import CATEGORIES, PROMPTS_PER_CATEGORY, benchmark_prompts, is_held_out
@@ -124,3 +125,13 @@ def test_a_resumed_run_continues_exactly(tmp_path):
     assert [r["step"] for r in log] == [3]
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_task_weights_flag_parses_one_weight_per_task_and_names_them_on_error():
+    import argparse
+
+    from shapes.pretrain import _task_weights
+    assert _task_weights("0.58,0.22,0.05,0.05,0.05,0.05") == (0.58, 0.22, 0.05, 0.05, 0.05, 0.05)
+    for bad in ("1,2", "1,1,1,1,1,x", "1,1,1,1,1,-1", "0,0,0,0,0,0"):
+        with pytest.raises(argparse.ArgumentTypeError, match="t2i|not a list"):
+            _task_weights(bad)
