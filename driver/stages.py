@@ -151,27 +151,33 @@ def to_uint8(model: UnifiedModel, latents: torch.Tensor, hw: tuple[int, int]) ->
     return ((px.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-@torch.no_grad()
-def sample_group(model: UnifiedModel, tok, req: GroupRequest, settings: PolicySettings
-                 ) -> tuple[GroupMeta, GroupPayload, np.ndarray]:
-    """G think-then-draw trajectories of one prompt (deterministic given the seed and the weights)."""
+def _draw_group(model: UnifiedModel, tok, req: GroupRequest | RefineRequest, dps: list[DrawPrompt],
+                settings: PolicySettings, *, think: ThinkConfig | None, flow: FlowConfig,
+                guidance: CFGConfig | None = None) -> tuple[GroupMeta, GroupPayload, np.ndarray]:
+    """Roll out G contexts of one request: the trajectories (payload), the plans and the images."""
     import time
 
     from shapes.tokenizer import decode
     t0 = time.perf_counter()
-    dp = draw_prompt(tok, req.prompt, think=settings.think is not None)
-    dps = [DrawPrompt(prefix=list(dp.prefix), text=dp.text) for _ in range(req.group_size)]
     hw = model.latent_grid(settings.canvas_size, settings.canvas_size)
     gen = torch.Generator().manual_seed(req.seed)
-    ro = rollout(model, dps, hw=hw, think=settings.think, flow=settings.flow, generator=gen,
-                 policy_version=req.policy_version)
+    ro = rollout(model, dps, hw=hw, think=think, flow=flow, generator=gen, policy_version=req.policy_version)
     images = to_uint8(model, ro.flow.latents[-1], hw)
     vocab = tok.get_vocab_size()
     plans = tuple(decode(tok, [int(t) for t, m in zip(row, mask) if m and int(t) < vocab])
                   for row, mask in zip(ro.think.tokens, ro.think.mask))
     meta = GroupMeta(index=req.index, prompt_id=req.prompt.id, policy_version=req.policy_version, plans=plans,
                      seconds=time.perf_counter() - t0)
-    return meta, GroupPayload(index=req.index, draw_prompts=dps, rollout=ro), images
+    return meta, GroupPayload(index=req.index, draw_prompts=dps, rollout=ro, guidance=guidance), images
+
+
+@torch.no_grad()
+def sample_group(model: UnifiedModel, tok, req: GroupRequest, settings: PolicySettings
+                 ) -> tuple[GroupMeta, GroupPayload, np.ndarray]:
+    """G think-then-draw trajectories of one prompt (deterministic given the seed and the weights)."""
+    dp = draw_prompt(tok, req.prompt, think=settings.think is not None)
+    dps = [DrawPrompt(prefix=list(dp.prefix), text=dp.text) for _ in range(req.group_size)]
+    return _draw_group(model, tok, req, dps, settings, think=settings.think, flow=settings.flow)
 
 
 @torch.no_grad()
@@ -180,28 +186,17 @@ def refine_group(model: UnifiedModel, tok, req: RefineRequest, settings: PolicyS
     """G edits of `req.source` following `req.instruction` (SDE path with log-probs, edit CFG: text and
     source image), deterministic given the seed and the weights. The reflection text that writes the
     instruction belongs to SRR; here the instruction is given."""
-    import time
     from dataclasses import replace
 
-    from shapes.pretrain_data import to_pixels
-    from shapes.tokenizer import turn_ids
-    from umm.context import Image, Text
-    t0 = time.perf_counter()
+    from shapes.evaluate import edit_prompt
     src = np.asarray(req.source)
     if src.dtype != np.uint8 or src.ndim != 3 or src.shape[2] != 3:
         raise ValueError(f"refine request {req.index}: source must be a uint8 (H, W, 3) array, got "
                          f"{src.dtype} {src.shape}")
-    pixels = to_pixels(src)
-    text = Text(ids=tuple(turn_ids(tok, "user", req.instruction)))
-    dps = [DrawPrompt(prefix=[Image(pixels=pixels)], text=text) for _ in range(req.group_size)]
-    hw = model.latent_grid(settings.canvas_size, settings.canvas_size)
-    gen = torch.Generator().manual_seed(req.seed)
-    ro = rollout(model, dps, hw=hw, think=None, flow=replace(settings.flow, cfg=settings.edit_guidance),
-                 generator=gen, policy_version=req.policy_version)
-    images = to_uint8(model, ro.flow.latents[-1], hw)
-    meta = GroupMeta(index=req.index, prompt_id=req.prompt.id, policy_version=req.policy_version,
-                     plans=("",) * req.group_size, seconds=time.perf_counter() - t0)
-    return meta, GroupPayload(index=req.index, draw_prompts=dps, rollout=ro, guidance=settings.edit_guidance), images
+    dp = edit_prompt(tok, src, req.instruction)
+    dps = [DrawPrompt(prefix=list(dp.prefix), text=dp.text) for _ in range(req.group_size)]
+    return _draw_group(model, tok, req, dps, settings, think=None,
+                       flow=replace(settings.flow, cfg=settings.edit_guidance), guidance=settings.edit_guidance)
 
 
 def judge_group(images: np.ndarray, prompt: Prompt) -> list[bool]:

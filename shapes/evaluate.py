@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +49,19 @@ def _turn(tok, role: str, text: str) -> Text:
     return Text(ids=tuple(turn_ids(tok, role, text)))
 
 
+def edit_prompt(tok, source, instruction: str) -> DrawPrompt:
+    """An edit as a model context: the source image (PIL or uint8 (H, W, 3)), then the instruction."""
+    return DrawPrompt(prefix=[Image(pixels=to_pixels(source))], text=_turn(tok, "user", instruction))
+
+
 def draw_prompts(tok, prompts: list[Prompt], *, think: bool) -> list[DrawPrompt]:
     """Benchmark prompts as model contexts (edits carry their source image)."""
     out = []
     for p in prompts:
-        prefix = [_turn(tok, "system", chat.SYSTEM_THINK)] if think else []
         if p.family == "edit":
-            prefix = [Image(pixels=to_pixels(render(p.meaning.source)))]
+            out.append(edit_prompt(tok, render(p.meaning.source), p.text))
+            continue
+        prefix = [_turn(tok, "system", chat.SYSTEM_THINK)] if think else []
         out.append(DrawPrompt(prefix=prefix, text=_turn(tok, "user", p.text)))
     return out
 
