@@ -127,6 +127,11 @@ class NoiseBasis:
         """P x: every block replaced by its mean."""
         return self.expand(self.means(x))
 
+    @staticmethod
+    def block_std(std: Tensor) -> Tensor:
+        """A std shaped for latents (0-d or (B, 1, 1)) reshaped to broadcast over block means."""
+        return std if std.dim() == 0 else std.reshape(std.shape[0], 1, 1, 1)
+
 
 # --------------------------------------------------------------------------- one step
 
@@ -238,7 +243,8 @@ def sde_step(
         x_next = mean + std * eps.float()
         return SDEStep(x_next=x_next, mean=mean, std=std, logp=gaussian_logp(x_next, mean, std))
     x_next = mean + std * basis.expand(eps.float())
-    return SDEStep(x_next=x_next, mean=mean, std=std, logp=gaussian_logp(basis.means(x_next), basis.means(mean), std))
+    logp = gaussian_logp(basis.means(x_next), basis.means(mean), basis.block_std(std))
+    return SDEStep(x_next=x_next, mean=mean, std=std, logp=logp)
 
 
 def step_logp(
@@ -255,7 +261,7 @@ def step_logp(
     mean, std = sde_mean_std(x, v, t, t_next, noise_level=noise_level, t_cap=t_cap, basis=basis)
     if basis is None:
         return gaussian_logp(x_next, mean, std), mean, std
-    return gaussian_logp(basis.means(x_next), basis.means(mean), std), mean, std
+    return gaussian_logp(basis.means(x_next), basis.means(mean), basis.block_std(std)), mean, std
 
 
 def kl_to_reference(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
@@ -401,7 +407,8 @@ def recompute_steps(
                 mean_ref, _ = sde_mean_std(x, ref_velocity_fn(x, t, i), t, t_next,
                                            noise_level=traj.noise_level, t_cap=t_cap, basis=traj.basis)
             if traj.basis is not None:     # the two Gaussians differ only in their block means
-                kls.append(kl_to_reference(traj.basis.means(mean), traj.basis.means(mean_ref), std))
+                kls.append(kl_to_reference(traj.basis.means(mean), traj.basis.means(mean_ref),
+                                           traj.basis.block_std(std)))
             else:
                 kls.append(kl_to_reference(mean, mean_ref, std))
     empty = torch.zeros(0, traj.latents.shape[1], device=traj.latents.device)

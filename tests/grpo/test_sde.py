@@ -257,6 +257,14 @@ def test_block_noise_step_samples_and_scores_block_means():
     assert torch.equal(logp, step.logp)
     with pytest.raises(ValueError, match="eps must have shape"):
         sde_step(x, v, 0.8, 0.7, noise_level=0.7, t_cap=0.9, eps=torch.zeros_like(x), basis=basis)
+    # per-sample timesteps score every row as its own scalar-timestep call would
+    t, t_next = torch.tensor([0.8, 0.6, 0.5, 0.3]), torch.tensor([0.7, 0.5, 0.3, 0.2])
+    batched = sde_step(x, v, t, t_next, noise_level=0.7, t_cap=0.9, eps=z, basis=basis)
+    for b in range(4):
+        row = sde_step(x[b:b + 1], v[b:b + 1], float(t[b]), float(t_next[b]), noise_level=0.7, t_cap=0.9,
+                       eps=z[b:b + 1], basis=basis)
+        assert torch.allclose(batched.x_next[b], row.x_next[0], atol=1e-6)
+        assert torch.allclose(batched.logp[b], row.logp[0], atol=1e-5)
 
 
 def test_block_noise_keeps_the_ode_marginals():
