@@ -77,7 +77,6 @@ class PolicySettings:
     edit_guidance: CFGConfig         # CFG of edits (refine workers): text + source-image guidance
 
 
-
 def policy_settings(policy: PolicyConfig, trainer: TrainerConfig) -> PolicySettings:
     f, t, lc = policy.flow, policy.think, trainer.loss
     think = ThinkConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p) if t.enabled else None
@@ -151,14 +150,15 @@ def to_uint8(model: UnifiedModel, latents: torch.Tensor, hw: tuple[int, int]) ->
     return ((px.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _draw_group(model: UnifiedModel, tok, req: GroupRequest | RefineRequest, dps: list[DrawPrompt],
+def _draw_group(model: UnifiedModel, tok, req: GroupRequest | RefineRequest, dp: DrawPrompt,
                 settings: PolicySettings, *, think: ThinkConfig | None, flow: FlowConfig,
                 guidance: CFGConfig | None = None) -> tuple[GroupMeta, GroupPayload, np.ndarray]:
-    """Roll out G contexts of one request: the trajectories (payload), the plans and the images."""
+    """Roll out G copies of one request's context: the trajectories (payload), the plans and the images."""
     import time
 
     from shapes.tokenizer import decode
     t0 = time.perf_counter()
+    dps = [DrawPrompt(prefix=list(dp.prefix), text=dp.text) for _ in range(req.group_size)]
     hw = model.latent_grid(settings.canvas_size, settings.canvas_size)
     gen = torch.Generator().manual_seed(req.seed)
     ro = rollout(model, dps, hw=hw, think=think, flow=flow, generator=gen, policy_version=req.policy_version)
@@ -176,8 +176,7 @@ def sample_group(model: UnifiedModel, tok, req: GroupRequest, settings: PolicySe
                  ) -> tuple[GroupMeta, GroupPayload, np.ndarray]:
     """G think-then-draw trajectories of one prompt (deterministic given the seed and the weights)."""
     dp = draw_prompt(tok, req.prompt, think=settings.think is not None)
-    dps = [DrawPrompt(prefix=list(dp.prefix), text=dp.text) for _ in range(req.group_size)]
-    return _draw_group(model, tok, req, dps, settings, think=settings.think, flow=settings.flow)
+    return _draw_group(model, tok, req, dp, settings, think=settings.think, flow=settings.flow)
 
 
 @torch.no_grad()
@@ -193,9 +192,7 @@ def refine_group(model: UnifiedModel, tok, req: RefineRequest, settings: PolicyS
     if src.dtype != np.uint8 or src.ndim != 3 or src.shape[2] != 3:
         raise ValueError(f"refine request {req.index}: source must be a uint8 (H, W, 3) array, got "
                          f"{src.dtype} {src.shape}")
-    dp = edit_prompt(tok, src, req.instruction)
-    dps = [DrawPrompt(prefix=list(dp.prefix), text=dp.text) for _ in range(req.group_size)]
-    return _draw_group(model, tok, req, dps, settings, think=None,
+    return _draw_group(model, tok, req, edit_prompt(tok, src, req.instruction), settings, think=None,
                        flow=replace(settings.flow, cfg=settings.edit_guidance), guidance=settings.edit_guidance)
 
 

@@ -133,6 +133,15 @@ class NoiseBasis:
         return std if std.dim() == 0 else std.reshape(std.shape[0], 1, 1, 1)
 
 
+def _explored(basis: NoiseBasis | None, *latents: Tensor) -> tuple[Tensor, ...]:
+    """The coordinates the noise explores: the latents themselves, or their block means."""
+    return latents if basis is None else tuple(basis.means(x) for x in latents)
+
+
+def _explored_std(basis: NoiseBasis | None, std: Tensor) -> Tensor:
+    return std if basis is None else basis.block_std(std)
+
+
 # --------------------------------------------------------------------------- one step
 
 def sde_sigma(t: TimeLike, *, noise_level: float, t_cap: float) -> Tensor:
@@ -239,11 +248,8 @@ def sde_step(
         eps = torch.randn(shape, generator=generator, dtype=torch.float32, device=x.device)
     elif eps.shape != shape:
         raise ValueError(f"eps must have shape {tuple(shape)}, got {tuple(eps.shape)}")
-    if basis is None:
-        x_next = mean + std * eps.float()
-        return SDEStep(x_next=x_next, mean=mean, std=std, logp=gaussian_logp(x_next, mean, std))
-    x_next = mean + std * basis.expand(eps.float())
-    logp = gaussian_logp(basis.means(x_next), basis.means(mean), basis.block_std(std))
+    x_next = mean + std * (eps.float() if basis is None else basis.expand(eps.float()))
+    logp = gaussian_logp(*_explored(basis, x_next, mean), _explored_std(basis, std))
     return SDEStep(x_next=x_next, mean=mean, std=std, logp=logp)
 
 
@@ -259,9 +265,7 @@ def step_logp(
     if not noise_level > 0:
         raise ValueError(f"noise_level must be > 0 to score a transition, got {noise_level!r}")
     mean, std = sde_mean_std(x, v, t, t_next, noise_level=noise_level, t_cap=t_cap, basis=basis)
-    if basis is None:
-        return gaussian_logp(x_next, mean, std), mean, std
-    return gaussian_logp(basis.means(x_next), basis.means(mean), basis.block_std(std)), mean, std
+    return gaussian_logp(*_explored(basis, x_next, mean), _explored_std(basis, std)), mean, std
 
 
 def kl_to_reference(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
@@ -406,11 +410,8 @@ def recompute_steps(
             with torch.no_grad():
                 mean_ref, _ = sde_mean_std(x, ref_velocity_fn(x, t, i), t, t_next,
                                            noise_level=traj.noise_level, t_cap=t_cap, basis=traj.basis)
-            if traj.basis is not None:     # the two Gaussians differ only in their block means
-                kls.append(kl_to_reference(traj.basis.means(mean), traj.basis.means(mean_ref),
-                                           traj.basis.block_std(std)))
-            else:
-                kls.append(kl_to_reference(mean, mean_ref, std))
+            # with a basis the two Gaussians live on the block means
+            kls.append(kl_to_reference(*_explored(traj.basis, mean, mean_ref), _explored_std(traj.basis, std)))
     empty = torch.zeros(0, traj.latents.shape[1], device=traj.latents.device)
     return StepScores(logp=torch.stack(logps) if logps else empty,
                       kl=(torch.stack(kls) if kls else empty) if ref_velocity_fn is not None else None)

@@ -8,8 +8,9 @@ Per object spec i (ids in brackets; parents after the arrow):
 then [r] spatial "is the circle to the left of the square?" -> e<subject>, e<object> (atom: relation),
 [n] negative "is there nothing in the image besides a red circle and a square?" -> every e<i> (atom:
 only — the judge's no-extras clause; without the parents an empty canvas would pass it, and drawing
-nothing would out-score drawing the wrong thing), for edits [p<k>] spatial "is the red circle still at the top left?" per
-object that must stay (atom: stays), and three quality questions the shapes verifier measures:
+nothing would out-score drawing the wrong thing), for edits [p<k>] spatial "is the red circle still
+at the top left?" per object that must stay (atom: stays), and three quality questions the shapes
+verifier measures:
   [qg] geometry   clean edges       (atom: quality / clean_edges)
   [qc] coherence  no stray blobs    (atom: quality / no_stray_blobs)
   [qt] texture    plain background  (atom: quality / plain_background)
