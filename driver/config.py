@@ -65,6 +65,7 @@ class FlowSection:
     window_start: list[int] = field(default_factory=lambda: [0, 1])
     noise_level: float = 0.7
     noise_block: int = 1             # SDE noise shared by K x K latent blocks (1 = Flow-GRPO; see grpo/sde.py)
+    shared_start: bool = False       # a group's G images start from one x_1: only the SDE noise differs
     cfg_text_scale: float = 4.0
     cfg_image_scale: float = 1.5     # edits (refine workers) only: guidance on the source image
 

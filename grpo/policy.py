@@ -46,6 +46,7 @@ class FlowConfig:
     window_start: tuple[int, int] = (0, 1)
     noise_level: float = 0.7
     noise_block: int = 1           # exploration noise shared by K x K latent blocks (1 = Flow-GRPO; grpo.sde)
+    shared_start: bool = False     # every row starts from the same x_1 (a group: only SDE noise differs)
     cfg: CFGConfig = field(default_factory=CFGConfig)
 
 
@@ -113,7 +114,8 @@ def rollout(model: UnifiedModel, prompts: list[DrawPrompt], *, hw: tuple[int, in
     timesteps = timestep_schedule(flow.num_steps, shift=flow.shift)
     window = sde_window(flow.num_steps, window_size=flow.window_size, start_range=flow.window_start,
                         generator=generator)
-    noise = torch.randn(B, hw[0] * hw[1], model.cfg.patch_latent_dim, generator=generator)
+    rows = 1 if flow.shared_start else B
+    noise = torch.randn(rows, hw[0] * hw[1], model.cfg.patch_latent_dim, generator=generator).repeat(B // rows, 1, 1)
     basis = (NoiseBasis(grid=hw, patch=model.cfg.latent_patch_size, channels=model.cfg.vae.z_channels,
                         block=flow.noise_block) if flow.noise_block > 1 else None)
     path = sample_flow(velocity_fn(model, contexts, hw=hw, cfg=flow.cfg), noise, timesteps=timesteps,

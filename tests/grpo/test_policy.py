@@ -42,6 +42,21 @@ def test_on_policy_ratio_is_one_for_text_and_every_trained_step(batch, noise_blo
     assert (torch.exp(image_logp - ro.flow.logp) - 1).abs().max() < 1e-6
 
 
+def test_shared_start_gives_a_group_one_x1_and_keeps_the_ratio_one():
+    model = tiny_model()
+    prompts = _prompts(1) * 4                       # a group: one prompt, G = 4
+    shared = _rollout(model, prompts, flow=replace(FLOW, shared_start=True))
+    x1 = shared.flow.latents[0]
+    assert torch.equal(x1, x1[:1].expand_as(x1))
+    # the SDE noise still differs, so the images do
+    assert (shared.flow.latents[-1][1:] - shared.flow.latents[-1][0]).abs().amax(dim=(1, 2)).min() > 1e-3
+    independent = _rollout(model, prompts)
+    assert (independent.flow.latents[0][1:] - independent.flow.latents[0][0]).abs().amax(dim=(1, 2)).min() > 0.1
+    with torch.no_grad():
+        r = recompute(model, prompts, shared, think=THINK, cfg=FLOW.cfg)
+    assert (torch.exp(r.image_logp - shared.flow.logp) - 1).abs().max() < 1e-6
+
+
 def test_think_items_strip_the_closing_token():
     from umm.generation import TextSample
     eos = 2
