@@ -50,8 +50,7 @@ class RolloutWorker:
 
     def evaluate(self) -> dict[str, float]:
         ev = self.cfg.eval
-        return evaluate_heldout(self.model, self.tok, prompts_per_category=ev.prompts_per_category,
-                                num_steps=ev.num_steps, cfg_text_scale=ev.cfg_text_scale, think=ev.think)
+        return evaluate_heldout(self.model, self.tok, ev)
 
     # -- weights ----------------------------------------------------------------------------------
     def join_weight_group(self, host: str, port: int, world_size: int, rank: int) -> None:

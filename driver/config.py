@@ -157,6 +157,7 @@ class PoolsConfig:
 class EvalConfig:
     enabled: bool = True             # held-out shapes-geneval before and after training
     prompts_per_category: int = 8
+    images_per_prompt: int = 1       # more images per prompt: a tighter before/after comparison
     num_steps: int = 20
     cfg_text_scale: float = 2.0
     think: bool = True
@@ -221,6 +222,8 @@ def validate(cfg: Config) -> Config:
     _at_least("policy.flow.noise_block", p.flow.noise_block, 1)
     _at_least("policy.flow.cfg_text_scale", p.flow.cfg_text_scale, 1.0)
     _at_least("policy.flow.cfg_image_scale", p.flow.cfg_image_scale, 1.0)
+    _at_least("eval.prompts_per_category", cfg.eval.prompts_per_category, 1)
+    _at_least("eval.images_per_prompt", cfg.eval.images_per_prompt, 1)
     from umm.config import PRESETS
     _choice("policy.base", p.base, tuple(PRESETS))
     p.checkpoint = str(resolve_path(p.checkpoint, key="policy.checkpoint"))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from driver.config import Config, PolicyConfig, TrainerConfig
+from driver.config import Config, EvalConfig, PolicyConfig, TrainerConfig
 from grpo.advantages import compute_advantages
 from grpo.policy import FlowConfig, LossConfig, Rollout, ThinkConfig, grpo_loss, rollout
 from shapes.benchmark import is_held_out
@@ -270,21 +270,22 @@ class LocalReward:
         return [r.reward for r in self.verifier.score(requests)]
 
 
-def evaluate_heldout(model: UnifiedModel, tok, *, prompts_per_category: int, num_steps: int, cfg_text_scale: float,
-                     think: bool, progress: bool = False) -> dict[str, float]:
-    """Strict judge accuracy per category on the first prompts of each held-out shapes-geneval category."""
+def evaluate_heldout(model: UnifiedModel, tok, ev: EvalConfig, *, progress: bool = False) -> dict[str, float]:
+    """Strict judge accuracy per category on the first `ev.prompts_per_category` prompts of each held-out
+    shapes-geneval category, `ev.images_per_prompt` images each (fixed seeds: before/after are paired)."""
     from collections import defaultdict
 
     from shapes.benchmark import benchmark_prompts
     from shapes.evaluate import DrawConfig, evaluate
     per: dict[str, list[Prompt]] = defaultdict(list)
     for p in benchmark_prompts():
-        if len(per[p.family]) < prompts_per_category:
+        if len(per[p.family]) < ev.prompts_per_category:
             per[p.family].append(p)
     prompts = [p for ps in per.values() for p in ps]
     was_training = model.training
     model.eval()
-    acc, _ = evaluate(model, tok, prompts, cfg=DrawConfig(num_steps=num_steps, text_scale=cfg_text_scale, think=think),
-                      progress=progress)
+    acc, _ = evaluate(model, tok, prompts, cfg=DrawConfig(num_steps=ev.num_steps, text_scale=ev.cfg_text_scale,
+                                                         think=ev.think),
+                      images_per_prompt=ev.images_per_prompt, progress=progress)
     model.train(was_training)
     return acc

@@ -45,8 +45,7 @@ def train_sync(cfg: Config, *, log: MetricsLog | None = None, model=None) -> Run
     result = RunResult()
     ev = cfg.eval
     if ev.enabled:
-        result.before = evaluate_heldout(model, tok, prompts_per_category=ev.prompts_per_category,
-                                         num_steps=ev.num_steps, cfg_text_scale=ev.cfg_text_scale, think=ev.think)
+        result.before = evaluate_heldout(model, tok, ev)
     version = 0
     for step in range(cfg.trainer.steps):
         times = {"rollout": 0.0, "reward": 0.0}
@@ -86,7 +85,6 @@ def train_sync(cfg: Config, *, log: MetricsLog | None = None, model=None) -> Run
         if log is not None:
             log.add(rec)
     if ev.enabled:
-        result.after = evaluate_heldout(model, tok, prompts_per_category=ev.prompts_per_category,
-                                        num_steps=ev.num_steps, cfg_text_scale=ev.cfg_text_scale, think=ev.think)
+        result.after = evaluate_heldout(model, tok, ev)
     result.seconds = time.perf_counter() - t_start
     return result

@@ -30,6 +30,7 @@ def test_dotlist_overrides_and_config_file(tmp_path):
     ("policy.flow.window_size=20", ["policy.flow.window_size", "num_steps"]),
     ("policy.checkpoint=/nonexistent", ["policy.checkpoint", "/nonexistent"]),
     ("trainer.groups_per_step=3", ["trainer.groups_per_step", "world_size"]),
+    ("eval.images_per_prompt=0", ["eval.images_per_prompt", ">= 1"]),
     ("steps", ["key=value"]),
 ])
 def test_bad_values_name_the_key(override, names):
