@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from driver.config import Config
-from driver.stages import GroupRequest, evaluate_heldout, load_policy, sample_group, settings_from
+from driver.stages import GroupRequest, heldout_verdicts, load_policy, sample_group, settings_from
 
 
 class StaleWeightsError(RuntimeError):
@@ -48,9 +48,9 @@ class RolloutWorker:
         if self.receiver is not None and not self.receiver.ready_for(version):
             raise StaleWeightsError(f"{name}: weights for v{version} did not pass their checksum; refusing to sample")
 
-    def evaluate(self) -> dict[str, float]:
-        ev = self.cfg.eval
-        return evaluate_heldout(self.model, self.tok, ev)
+    def evaluate(self, image_indices: list[int]) -> list[tuple[str, bool]]:
+        """This actor's share of the held-out evaluation: (category, verdict) per image drawn."""
+        return heldout_verdicts(self.model, self.tok, self.cfg.eval, image_indices=image_indices)
 
     # -- weights ----------------------------------------------------------------------------------
     def join_weight_group(self, host: str, port: int, world_size: int, rank: int) -> None:

@@ -6,18 +6,15 @@ import os
 
 from driver.config import Config, ConfigError, RayConfig
 
-JUDGE_TASK_CPUS = 0.1
-
-
 def required_resources(cfg: Config) -> dict[str, float]:
-    """Logical CPUs/GPUs the configured pools ask Ray for (plus one judge task at a time)."""
+    """Logical CPUs/GPUs the configured pools ask Ray for."""
     p = cfg.pools
     pools = [(p.rollout.num, p.rollout.num_cpus, p.rollout.num_gpus),
              (p.refine.num, p.refine.num_cpus, p.refine.num_gpus),
              (p.decomposer.num, p.decomposer.num_cpus, p.decomposer.num_gpus),
              (p.verifier.num, p.verifier.num_cpus, p.verifier.num_gpus),
              (p.learner.world_size, p.learner.num_cpus, p.learner.num_gpus)]
-    return {"CPU": sum(n * c for n, c, _ in pools) + JUDGE_TASK_CPUS, "GPU": sum(n * g for n, _, g in pools)}
+    return {"CPU": sum(n * c for n, c, _ in pools), "GPU": sum(n * g for n, _, g in pools)}
 
 
 def check_resources(cfg: Config, available: dict[str, float]) -> None:

@@ -1,8 +1,7 @@
 """The streaming trainer on Ray (`trainer.mode=pipeline`). The whole dataflow is in `Pipeline.run`:
 
-    PromptStream ─► RolloutWorker ×N ──meta──► driver            (index, version, plans: small)
+    PromptStream ─► RolloutWorker ×N ──meta──► driver            (index, version, plans, judge verdicts)
                           │ payload ref ─────────────────────┐   (tokens, latents, log-probs)
-                          │ images ref ──► judge task         │
                           └─ images ref ──► RewardService ──► driver (rewards: small)
     driver: ordered batch of B groups ─► advantages ─► LearnerWorker ×W (ZeRO-3), each pulls its
             shard's payload refs from the object store ─► step ─► weights gathered bucket by bucket
@@ -21,17 +20,11 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from driver.cluster import JUDGE_TASK_CPUS
 from driver.config import Config
 from driver.metrics import MetricsLog, StepRecord, reward_stats
-from driver.stages import (GroupMeta, GroupRequest, PromptStream, batch_advantages, judge_group, policy_factory,
+from driver.stages import (GroupMeta, GroupRequest, PromptStream, batch_advantages, policy_factory,
                            settings_from)
 from driver.sync import RunResult, is_zero_variance
-
-
-def judge_images(prompt, *images) -> list[bool]:
-    """A Ray task: the strict judge on a group's images (reported per step, not the reward)."""
-    return judge_group(list(images), prompt)
 
 
 @dataclass(kw_only=True)
@@ -50,7 +43,6 @@ class Ready:
     req: GroupRequest
     meta: GroupMeta
     payload_ref: object
-    judge_ref: object
     rewards: Future | None = None
 
 
@@ -114,7 +106,6 @@ class Pipeline:
                                        num_gpus=p.decomposer.num_gpus),
             verifier_pool=PoolConfig(num_actors=p.verifier.num, num_cpus=p.verifier.num_cpus,
                                      num_gpus=p.verifier.num_gpus)))
-        self.judge = ray.remote(num_cpus=JUDGE_TASK_CPUS)(judge_images)
         L = p.learner
         learner_cls = ray.remote(PolicyLearner)
         self.learners = [learner_cls.options(num_cpus=L.num_cpus, num_gpus=L.num_gpus).remote(LearnerSpec(
@@ -190,7 +181,7 @@ class Pipeline:
         t_start = time.perf_counter()
         result = RunResult()
         if cfg.eval.enabled:
-            result.before = ray.get(self.slots[0].actor.evaluate.remote())
+            result.before = self.evaluate()
         stream = PromptStream(cfg.data.families, seed=cfg.run.seed, canvas_size=cfg.policy.canvas_size)
         B, s_max = t.groups_per_step, t.max_staleness
         sampling: dict = {}                 # meta ref -> (slot, req, payload ref, images ref)
@@ -230,17 +221,16 @@ class Pipeline:
                     meta = ray.get(ref)       # raises if sampling failed (e.g. the worker refused stale weights)
                     result.trajectories += req.group_size
                     done[req.index] = Ready(req=req, meta=meta, payload_ref=payload_ref,
-                                            judge_ref=self.judge.remote(req.prompt, *image_refs),
                                             rewards=self.scorer.submit(self._score, req, image_refs))
             # 3. an update finished: record it, bump versions
             if update is not None and _all_done(ray, update.refs):
                 results = ray.get(update.step)
-                ray.get(update.send)
+                sent = ray.get(update.send)
                 versions = ray.get(update.receive)
                 self.version = results[0].version
                 for slot, v in zip(self.slots, versions):
                     slot.version, slot.syncing = v, False
-                rec = self._record(step, update, results, dropped_since)
+                rec = self._record(step, update, results, sent, dropped_since)
                 result.steps.append(rec)
                 if result.first_loss is None:
                     result.first_loss = rec.loss
@@ -261,7 +251,7 @@ class Pipeline:
                     update = self.start_update(batch, adv.per_group)
                     counters.staleness_seen += update.staleness
         if cfg.eval.enabled:
-            result.after = ray.get(self.slots[0].actor.evaluate.remote())
+            result.after = self.evaluate()
         result.seconds = time.perf_counter() - t_start
         self.counters = counters
         return result
@@ -291,11 +281,11 @@ class Pipeline:
                 return [done.pop(i) for i in picked]
         return None
 
-    def _record(self, step: int, update: Update, results, dropped_since: list[int]) -> StepRecord:
+    def _record(self, step: int, update: Update, results, sent, dropped_since: list[int]) -> StepRecord:
         batch, stale = update.batch, update.staleness
         rewards = [g.rewards.result() for g in batch]
         mean, std = reward_stats(rewards)
-        judged = [ok for g in batch for ok in self.ray.get(g.judge_ref)]
+        judged = [ok for g in batch for ok in g.meta.judged]
         loss = sum(r.loss for r in results) / len(results) if results else 0.0
         st = [r.stats for r in results]
         return StepRecord(step=step, policy_version=self.version, groups=len(batch), reward_mean=mean,
@@ -306,7 +296,18 @@ class Pipeline:
                           zero_variance_dropped=dropped_since[0], stale_dropped=dropped_since[1],
                           image_clip_frac=sum(s.get("image_clip_frac", 0.0) for s in st) / len(st),
                           seconds={"rollout": sum(g.meta.seconds for g in batch) / max(1, len(self.slots)),
-                                   "learn+sync": time.perf_counter() - update.started})
+                                   "learn+sync": time.perf_counter() - update.started,
+                                   "learn": max(r.seconds for r in results),        # slowest rank's step
+                                   "sync": max(x.seconds for x in sent)})
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy, the images per prompt dealt out over the rollout actors (each image index
+        has fixed seeds, so the pooled verdicts equal one process drawing them all)."""
+        from shapes.evaluate import accuracy
+        n = min(len(self.slots), self.cfg.eval.images_per_prompt)
+        shares = [list(range(j, self.cfg.eval.images_per_prompt, n)) for j in range(n)]
+        parts = self.ray.get([slot.actor.evaluate.remote(share) for slot, share in zip(self.slots, shares)])
+        return accuracy(v for part in parts for v in part)
 
     def checksums(self) -> tuple[int, list[int]]:
         """(learner's gathered checksum, each replica's: rollout actors, then refine actors)."""

@@ -12,6 +12,7 @@ Records that cross actor boundaries:
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,7 @@ class GroupMeta:
     prompt_id: str
     policy_version: int
     plans: tuple[str, ...]
+    judged: tuple[bool, ...]         # the strict judge's verdict per image (reported, not the reward)
     seconds: float
 
 
@@ -167,8 +169,9 @@ def _draw_group(model: UnifiedModel, tok, req: GroupRequest | RefineRequest, dp:
     vocab = tok.get_vocab_size()
     plans = tuple(decode(tok, [int(t) for t, m in zip(row, mask) if m and int(t) < vocab])
                   for row, mask in zip(ro.think.tokens, ro.think.mask))
+    # judged where the images are (~3 ms each): a Ray task per group would start a fresh worker process
     meta = GroupMeta(index=req.index, prompt_id=req.prompt.id, policy_version=req.policy_version, plans=plans,
-                     seconds=time.perf_counter() - t0)
+                     judged=tuple(judge_group(images, req.prompt)), seconds=time.perf_counter() - t0)
     return meta, GroupPayload(index=req.index, draw_prompts=dps, rollout=ro, guidance=guidance), images
 
 
@@ -270,9 +273,11 @@ class LocalReward:
         return [r.reward for r in self.verifier.score(requests)]
 
 
-def evaluate_heldout(model: UnifiedModel, tok, ev: EvalConfig, *, progress: bool = False) -> dict[str, float]:
-    """Strict judge accuracy per category on the first `ev.prompts_per_category` prompts of each held-out
-    shapes-geneval category, `ev.images_per_prompt` images each (fixed seeds: before/after are paired)."""
+def heldout_verdicts(model: UnifiedModel, tok, ev: EvalConfig, *, image_indices: Sequence[int] | None = None,
+                     progress: bool = False) -> list[tuple[str, bool]]:
+    """(category, strict verdict) for the first `ev.prompts_per_category` prompts of each held-out
+    shapes-geneval category, images `image_indices` of `ev.images_per_prompt` (default all). Seeds are
+    fixed per image index: before/after are paired, and shards drawn by different workers pool exactly."""
     from collections import defaultdict
 
     from shapes.benchmark import benchmark_prompts
@@ -284,8 +289,14 @@ def evaluate_heldout(model: UnifiedModel, tok, ev: EvalConfig, *, progress: bool
     prompts = [p for ps in per.values() for p in ps]
     was_training = model.training
     model.eval()
-    acc, _ = evaluate(model, tok, prompts, cfg=DrawConfig(num_steps=ev.num_steps, text_scale=ev.cfg_text_scale,
-                                                         think=ev.think),
-                      images_per_prompt=ev.images_per_prompt, progress=progress)
+    _, samples = evaluate(model, tok, prompts, cfg=DrawConfig(num_steps=ev.num_steps, text_scale=ev.cfg_text_scale,
+                                                             think=ev.think),
+                          images_per_prompt=ev.images_per_prompt, image_indices=image_indices, progress=progress)
     model.train(was_training)
-    return acc
+    return [(p.family, ok) for p, _, ok, _ in samples]
+
+
+def evaluate_heldout(model: UnifiedModel, tok, ev: EvalConfig, *, progress: bool = False) -> dict[str, float]:
+    """Held-out accuracy per category (and the GenEval mean) in this process."""
+    from shapes.evaluate import accuracy
+    return accuracy(heldout_verdicts(model, tok, ev, progress=progress))

@@ -14,7 +14,7 @@ import torch
 
 from driver.config import Config
 from driver.metrics import MetricsLog, StepRecord, reward_stats
-from driver.stages import (LocalReward, PromptStream, batch_advantages, evaluate_heldout, groups_loss, judge_group,
+from driver.stages import (LocalReward, PromptStream, batch_advantages, evaluate_heldout, groups_loss,
                            load_policy, sample_group, settings_from)
 
 
@@ -53,7 +53,7 @@ def train_sync(cfg: Config, *, log: MetricsLog | None = None, model=None) -> Run
         while len(batch) < cfg.trainer.groups_per_step:
             req = stream.next_request(group_size=cfg.data.group_size, base_seed=cfg.run.seed, policy_version=version)
             t0 = time.perf_counter()
-            _, payload, images = sample_group(model, tok, req, settings)
+            meta, payload, images = sample_group(model, tok, req, settings)
             t1 = time.perf_counter()
             rewards = reward.score(req.prompt, images)
             times["rollout"] += t1 - t0
@@ -62,7 +62,7 @@ def train_sync(cfg: Config, *, log: MetricsLog | None = None, model=None) -> Run
             if cfg.trainer.drop_zero_variance and is_zero_variance(rewards):
                 dropped += 1
                 continue
-            batch.append((req, payload, rewards, judge_group(images, req.prompt)))
+            batch.append((req, payload, rewards, meta.judged))
         t0 = time.perf_counter()
         adv = batch_advantages([b[2] for b in batch], std_scope=cfg.trainer.std_scope)
         loss, stats = groups_loss(model, [b[1] for b in batch], adv.per_group, settings)

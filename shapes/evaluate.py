@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,14 +104,33 @@ def draw(model: UnifiedModel, tok, prompts: list[Prompt], *, cfg: DrawConfig, se
     return images, plans
 
 
+def accuracy(verdicts: Iterable[tuple[str, bool]]) -> dict[str, float]:
+    """Strict accuracy per category from (category, correct) pairs, and the mean over GenEval's six."""
+    per: dict[str, list[bool]] = defaultdict(list)
+    for family, ok in verdicts:
+        per[family].append(ok)
+    acc = {c: float(np.mean(per[c])) for c in CATEGORIES if per[c]}
+    geneval = [acc[c] for c in CATEGORIES[:6] if c in acc]
+    if geneval:
+        acc["geneval_mean"] = float(np.mean(geneval))
+    return acc
+
+
 def evaluate(model: UnifiedModel, tok, prompts: list[Prompt], *, cfg: DrawConfig, images_per_prompt: int = 1,
-             progress: bool = True) -> tuple[dict[str, float], list[tuple[Prompt, PILImage.Image, bool, str]]]:
-    """Strict accuracy per category (and overall mean over categories) + every judged sample."""
+             image_indices: Sequence[int] | None = None, progress: bool = True
+             ) -> tuple[dict[str, float], list[tuple[Prompt, PILImage.Image, bool, str]]]:
+    """Strict accuracy per category (and overall mean over categories) + every judged sample.
+
+    Image k of every prompt is drawn with the same seeds whoever draws it: `image_indices` (a subset of
+    range(images_per_prompt)) lets several workers share one evaluation and pool their verdicts."""
+    indices = range(images_per_prompt) if image_indices is None else image_indices
+    if any(not 0 <= k < images_per_prompt for k in indices):
+        raise ValueError(f"image_indices {list(indices)} outside range({images_per_prompt})")
     samples = []
     # edits and non-edits are drawn in separate batches (different contexts and guidance)
     groups = [[p for p in prompts if p.family == "edit"], [p for p in prompts if p.family != "edit"]]
-    bar = tqdm(total=len(prompts) * images_per_prompt, desc="evaluate", disable=not progress)
-    for k in range(images_per_prompt):
+    bar = tqdm(total=len(prompts) * len(indices), desc="evaluate", disable=not progress)
+    for k in indices:
         for group in groups:
             for i in range(0, len(group), cfg.batch_size):
                 chunk = group[i:i + cfg.batch_size]
@@ -119,14 +139,7 @@ def evaluate(model: UnifiedModel, tok, prompts: list[Prompt], *, cfg: DrawConfig
                     samples.append((p, img, judge(img, p.meaning).correct, plan))
                 bar.update(len(chunk))
     bar.close()
-    per: dict[str, list[bool]] = defaultdict(list)
-    for p, _, ok, _ in samples:
-        per[p.family].append(ok)
-    acc = {c: float(np.mean(per[c])) for c in CATEGORIES if per[c]}
-    geneval = [acc[c] for c in CATEGORIES[:6] if c in acc]
-    if geneval:
-        acc["geneval_mean"] = float(np.mean(geneval))
-    return acc, samples
+    return accuracy((p.family, ok) for p, _, ok, _ in samples), samples
 
 
 def quick_check(model: UnifiedModel, *, n: int = 24) -> dict[str, float]:

@@ -56,8 +56,11 @@ def test_pipeline_trains_and_every_actor_holds_the_learners_weights(ray_cluster)
 
 
 def test_sync_mode_and_pipeline_agree_on_the_first_step(ray_cluster):
-    _, piped = run_pipeline(["trainer.steps=1", "trainer.max_staleness=0"])
-    alone = train_sync(load(SMALL + ["trainer.steps=1", "trainer.mode=sync"]))
+    # the held-out evaluation too: the pipeline deals its 2 images per prompt out to the 2 rollout actors
+    ev = ["eval.enabled=true", "eval.prompts_per_category=1", "eval.images_per_prompt=2", "eval.num_steps=3"]
+    _, piped = run_pipeline(["trainer.steps=1", "trainer.max_staleness=0", *ev])
+    alone = train_sync(load(SMALL + ["trainer.steps=1", "trainer.mode=sync", *ev]))
+    assert piped.before == alone.before and "geneval_mean" in piped.before
     a, b = piped.steps[0], alone.steps[0]
     assert a.reward_mean == pytest.approx(b.reward_mean, abs=1e-6)
     assert a.reward_std == pytest.approx(b.reward_std, abs=1e-6)

@@ -59,7 +59,10 @@ def test_sample_group_is_deterministic_and_judgeable(small):
     other = GroupRequest(index=req.index, prompt=req.prompt, group_size=3, seed=req.seed + 1, policy_version=0)
     _, _, img3 = sample_group(model, tok, other, s)
     assert not np.array_equal(img1, img3)
-    assert len(judge_group(img1, req.prompt)) == 3
+    # the strict verdicts travel with the group's metadata: those of exactly these images
+    from shapes.judge import judge
+    assert meta1.judged == tuple(judge(img, req.prompt.meaning).correct for img in img1)
+    assert list(meta1.judged) == judge_group(img1, req.prompt)
 
 
 def test_groups_loss_is_on_policy_and_moves_weights_with_the_advantage(small):
