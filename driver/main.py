@@ -28,6 +28,9 @@ def run(cfg: Config) -> dict:
     print(f"run {cfg.run.name}: mode={cfg.trainer.mode} steps={cfg.trainer.steps} "
           f"B={cfg.trainer.groups_per_step} G={cfg.data.group_size} policy={cfg.policy.checkpoint} -> {out}",
           flush=True)
+    if cfg.eval.enabled:
+        print(f"held-out shapes-geneval before and after training: up to {cfg.eval.prompts_per_category} prompts "
+              f"per category x {cfg.eval.images_per_prompt} image(s); evaluating the starting policy...", flush=True)
     t0 = time.perf_counter()
     if cfg.trainer.mode == "sync":
         from driver.sync import train_sync
