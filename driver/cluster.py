@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 
-from driver.config import Config, ConfigError, RayConfig
+from driver.config import Config, ConfigError, LearnerSection, RayConfig
 
 def required_resources(cfg: Config) -> dict[str, float]:
     """Logical CPUs/GPUs the configured pools ask Ray for."""
@@ -47,3 +47,24 @@ def connect(cfg: RayConfig, *, runtime_env: dict | None = None, need_cpus: float
     url = getattr(ctx, "dashboard_url", None)
     return (f"ray: started a local cluster on 127.0.0.1 ({num_cpus} logical CPUs)"
             + (f", dashboard http://{url}" if url else ""))
+
+
+def learner_placement(ray, learner: LearnerSection) -> tuple[object, list[dict]]:
+    """Reserve every learner rank's resources at once (a placement group, one bundle per rank), so a
+    group that cannot be fully placed fails here, naming the config, instead of W - 1 ranks waiting
+    forever in DeepSpeed's rendezvous. Returns the group and each rank's actor `.options(...)`."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {k: v for k, v in (("CPU", learner.num_cpus), ("GPU", learner.num_gpus)) if v > 0}
+    pg = placement_group([dict(bundle) for _ in range(learner.world_size)], strategy=learner.placement)
+    ready, _ = ray.wait([pg.ready()], timeout=learner.placement_timeout_s)
+    if not ready:
+        remove_placement_group(pg)
+        raise ConfigError(f"pools.learner: {learner.world_size} ranks of {bundle} with placement "
+                          f"{learner.placement!r} could not be placed within {learner.placement_timeout_s:g} s "
+                          f"(pools.learner.placement_timeout_s); the cluster has {ray.cluster_resources()}")
+    options = [dict(num_cpus=learner.num_cpus, num_gpus=learner.num_gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+               for i in range(learner.world_size)]
+    return pg, options

@@ -142,6 +142,8 @@ class LearnerSection:
     master_port: int = 0             # 0 = pick a free port
     sync_port: int = 0               # weight-broadcast group's port; 0 = pick a free port
     bucket_mb: float = 32.0
+    placement: str = "PACK"          # the ranks' placement group (gang-scheduled): PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    placement_timeout_s: float = 600.0   # wait this long for every rank's bundle (e.g. GPU nodes scaling up)
 
 
 @dataclass
@@ -173,6 +175,9 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -233,6 +238,10 @@ def validate(cfg: Config) -> Config:
     _at_least("pools.verifier.num", pools.verifier.num, 1)
     _at_least("pools.learner.world_size", pools.learner.world_size, 1)
     _choice("pools.learner.zero_stage", str(pools.learner.zero_stage), ("0", "1", "2", "3"))
+    _choice("pools.learner.placement", pools.learner.placement, PLACEMENT_STRATEGIES)
+    if pools.learner.num_cpus <= 0 and pools.learner.num_gpus <= 0:
+        raise ConfigError("pools.learner.num_cpus / num_gpus: a learner rank must ask for some CPU or GPU "
+                          "(its placement-group bundle cannot be empty)")
     n = t.groups_per_step * cfg.data.group_size
     if t.mode == "pipeline" and n % pools.learner.world_size:
         raise ConfigError(f"trainer.groups_per_step * data.group_size = {n} trajectories per step must divide "

@@ -83,11 +83,13 @@ class Pipeline:
         from reward_service.backends import BackendSpec
         from reward_service.reward import RewardConfig
 
-        from driver.cluster import check_resources
+        from driver.cluster import check_resources, learner_placement
         self.cfg, self.ray = cfg, ray
         check_resources(cfg, ray.cluster_resources())
         self.settings = settings_from(cfg)
         p = cfg.pools
+        # the learner ranks first, all or nothing: nothing else is started if they cannot be placed
+        self.learner_group, learner_opts = learner_placement(ray, p.learner)
         rollout_cls = ray.remote(RolloutWorker)
         rollout_opts = {"num_cpus": p.rollout.num_cpus, "num_gpus": p.rollout.num_gpus}
         self.slots = [Slot(actor=rollout_cls.options(**rollout_opts).remote(cfg, i), index=i)
@@ -108,7 +110,7 @@ class Pipeline:
                                      num_gpus=p.verifier.num_gpus)))
         L = p.learner
         learner_cls = ray.remote(PolicyLearner)
-        self.learners = [learner_cls.options(num_cpus=L.num_cpus, num_gpus=L.num_gpus).remote(LearnerSpec(
+        self.learners = [learner_cls.options(**learner_opts[r_]).remote(LearnerSpec(
             rank=r_, world_size=L.world_size, model_factory=policy_factory(cfg.policy),
             lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, grad_clip=cfg.trainer.grad_clip,
             seed=cfg.run.seed, zero_stage=L.zero_stage, bucket_bytes=int(L.bucket_mb * (1 << 20))))
@@ -325,6 +327,8 @@ class Pipeline:
             self.ray.kill(a)
         for actor in self.replicas:
             self.ray.kill(actor)
+        from ray.util.placement_group import remove_placement_group
+        remove_placement_group(self.learner_group)
 
 
 def _all_done(ray, refs: list) -> bool:

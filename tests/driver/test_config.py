@@ -31,6 +31,8 @@ def test_dotlist_overrides_and_config_file(tmp_path):
     ("policy.checkpoint=/nonexistent", ["policy.checkpoint", "/nonexistent"]),
     ("trainer.groups_per_step=3", ["trainer.groups_per_step", "world_size"]),
     ("eval.images_per_prompt=0", ["eval.images_per_prompt", ">= 1"]),
+    ("pools.learner.placement=PACKED", ["pools.learner.placement", "STRICT_SPREAD"]),
+    ("pools.learner.num_cpus=0", ["pools.learner.num_cpus", "bundle"]),
     ("steps", ["key=value"]),
 ])
 def test_bad_values_name_the_key(override, names):

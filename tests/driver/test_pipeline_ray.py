@@ -75,3 +75,25 @@ def test_staleness_bound_holds(ray_cluster):
     seen = pipe.counters.staleness_seen
     assert len(seen) == 3 * 2 and max(seen) <= 1
     assert all(r.staleness_max <= 1 for r in result.steps)
+
+
+def test_learner_ranks_are_placed_all_or_nothing(ray_cluster):
+    """A placement the cluster cannot satisfy (two ranks strictly on different nodes, one node here)
+    fails within the timeout with an error naming the config, and leaves no reservation behind."""
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    from driver.cluster import learner_placement
+    from driver.config import ConfigError
+    base = load(SMALL).pools.learner
+    with pytest.raises(ConfigError, match=r"pools.learner: 2 ranks .*'STRICT_SPREAD'.*placement_timeout_s"):
+        learner_placement(ray, type(base)(**{**base.__dict__, "placement": "STRICT_SPREAD",
+                                             "placement_timeout_s": 3.0}))
+    assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
+    pg, options = learner_placement(ray, base)
+    try:
+        assert [o["scheduling_strategy"].placement_group_bundle_index for o in options] == [0, 1]
+        table = placement_group_table(pg)
+        assert table["state"] == "CREATED" and table["strategy"] == "PACK"
+        assert list(table["bundles"].values()) == [{"CPU": base.num_cpus}] * 2
+    finally:
+        remove_placement_group(pg)
