@@ -6,6 +6,7 @@ import os
 
 from driver.config import Config, ConfigError, LearnerSection, RayConfig
 
+
 def required_resources(cfg: Config) -> dict[str, float]:
     """Logical CPUs/GPUs the configured pools ask Ray for."""
     p = cfg.pools
