@@ -80,14 +80,15 @@ def test_staleness_bound_holds(ray_cluster):
 def test_learner_ranks_are_placed_all_or_nothing(ray_cluster):
     """A placement the cluster cannot satisfy (two ranks strictly on different nodes, one node here)
     fails within the timeout with an error naming the config, and leaves no reservation behind."""
+    from dataclasses import replace
+
     from ray.util.placement_group import placement_group_table, remove_placement_group
 
     from driver.cluster import learner_placement
     from driver.config import ConfigError
     base = load(SMALL).pools.learner
     with pytest.raises(ConfigError, match=r"pools.learner: 2 ranks .*'STRICT_SPREAD'.*placement_timeout_s"):
-        learner_placement(ray, type(base)(**{**base.__dict__, "placement": "STRICT_SPREAD",
-                                             "placement_timeout_s": 3.0}))
+        learner_placement(ray, replace(base, placement="STRICT_SPREAD", placement_timeout_s=3.0))
     assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
     pg, options = learner_placement(ray, base)
     try:
