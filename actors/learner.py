@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from actors.node import node_ip
+from actors.zero_build import build_partitioned, builds_partitioned
 from actors.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     BroadcastGroup,
@@ -129,6 +130,11 @@ class _LossModule(nn.Module):
         return loss_fn(self.policy, batch)
 
 
+def _is_empty_partition(p: Tensor) -> bool:
+    """A ZeRO-3 parameter whose full tensor is not held here (gathered only inside its module's forward)."""
+    return hasattr(p, "ds_id") and p.data.numel() == 0
+
+
 def _skip_shm_comm_op() -> None:
     import deepspeed.ops
 
@@ -175,7 +181,14 @@ class LearnerWorker:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=s.timeout_s))
         torch.manual_seed(s.seed)
-        self.policy = s.model_factory().to(device)
+        built_partitioned = s.zero_stage == 3 and builds_partitioned(s.model_factory)
+        if built_partitioned:   # never the whole model on one rank (actors.zero_build)
+            self.policy = build_partitioned(s.model_factory, s.deepspeed_config(), rank=s.rank,
+                                            bucket_bytes=s.bucket_bytes)
+            partitioned_at_build = sum(1 for p in self.policy.parameters() if _is_empty_partition(p))
+        else:
+            self.policy = s.model_factory().to(device)
+            partitioned_at_build = 0
         params = [p for p in self.policy.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model_factory returned a model with no trainable parameters")
@@ -185,7 +198,8 @@ class LearnerWorker:
         manifest = self.weight_manifest()
         params = list(self.policy.parameters())
         return {"rank": s.rank, "device": str(device), "tensors": len(params),
-                "partitioned_tensors": sum(1 for p in params if hasattr(p, "ds_id") and p.data.numel() == 0),
+                "partitioned_tensors": sum(1 for p in params if _is_empty_partition(p)),
+                "partitioned_at_build": partitioned_at_build,
                 "trainable_tensors": len(manifest.names), "trainable_bytes": manifest.total_bytes,
                 "buckets": len(manifest.buckets)}
 

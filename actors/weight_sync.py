@@ -140,15 +140,16 @@ def _is_partitioned(params: Sequence[Tensor]) -> bool:
 
 
 @contextlib.contextmanager
-def gathered(params: Sequence[nn.Parameter]):
+def gathered(params: Sequence[nn.Parameter], *, modifier_rank: int | None = None):
     """Full tensors of `params` inside the block. Under ZeRO-3 this is a COLLECTIVE: every learner rank
-    must enter it with the same list in the same order. A plain module needs nothing."""
+    must enter it with the same list in the same order. Read-only unless `modifier_rank` is given:
+    then that rank's values are broadcast to all ranks on leaving. A plain module needs nothing."""
     if not _is_partitioned(params):
         yield
         return
     import deepspeed  # lazy: only ZeRO-partitioned models get here
 
-    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank):
         yield
 
 

@@ -97,11 +97,17 @@ def load_policy(policy: PolicyConfig) -> UnifiedModel:
     """The shipped (or configured) checkpoint, trainable: LoRA adapters only, or all weights but the
     fixed position tables. Returned in train mode (no dropout in this model; mode only matters for peft)."""
     from umm.checkpoint import load_pretrained
-    from umm.lora import LoRAConfig, apply_lora
 
     saved = load_pretrained(policy.checkpoint, base=policy.base)
     model = UnifiedModel(saved.cfg)                  # fresh module: its own requires_grad pattern
     model.load_state_dict(saved.state_dict())
+    return with_lora(model, policy)
+
+
+def with_lora(model: UnifiedModel, policy: PolicyConfig) -> UnifiedModel:
+    """The LoRA adapters when `policy.lora` is on (everything else frozen); the model unchanged otherwise."""
+    from umm.lora import LoRAConfig, apply_lora
+
     if policy.lora.enabled:
         apply_lora(model, LoRAConfig(rank=policy.lora.rank, alpha=policy.lora.alpha))
     return model
@@ -114,10 +120,28 @@ def policy_factory(policy: PolicyConfig):
 
 @dataclass(frozen=True)
 class _Factory:
+    """`factory()` builds the whole policy (rollout actors, sync mode). A ZeRO-3 learner instead builds
+    `skeleton()` under `deepspeed.zero.Init` (partitioned as it is built), fills it from `weights()`
+    bucket by bucket (actors.zero_build) and then calls `finish` (LoRA), so no rank ever holds the
+    whole model."""
     policy: PolicyConfig
 
     def __call__(self) -> UnifiedModel:
         return load_policy(self.policy)
+
+    def skeleton(self) -> UnifiedModel:
+        """The policy's modules with their trainable pattern; values are overwritten by `weights()`."""
+        from umm.checkpoint import read_config
+        return UnifiedModel(read_config(self.policy.checkpoint, base=self.policy.base))
+
+    def weights(self):
+        """The checkpoint's tensors by parameter name, read one at a time (umm.checkpoint.CheckpointTensors)."""
+        from umm.checkpoint import CheckpointTensors, read_config
+        return CheckpointTensors(self.policy.checkpoint, read_config(self.policy.checkpoint, base=self.policy.base))
+
+    def finish(self, model: UnifiedModel) -> UnifiedModel:
+        """What `load_policy` does after loading: the LoRA adapters when LoRA is on."""
+        return with_lora(model, self.policy)
 
 
 class PromptStream:

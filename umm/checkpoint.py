@@ -134,3 +134,34 @@ def load_pretrained(directory: str | Path, *, dtype: torch.dtype = torch.float32
     if leftover:
         raise CheckpointError(f"{directory}: tensors left uninitialised after loading: {leftover[:10]}")
     return model.eval()
+
+
+class CheckpointTensors:
+    """A checkpoint's tensors under the model's parameter names, read one at a time.
+
+    For building a model that is already partitioned (ZeRO-3 `zero.Init`): nothing is loaded up
+    front except the autoencoder (small, and stored in FLUX names that need the full mapping);
+    `get` reads one tensor of ema.safetensors when it is asked for."""
+
+    def __init__(self, directory: str | Path, cfg: UMMConfig):
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        self.path = self.directory / EMA
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: file not found")
+        self._file = safe_open(str(self.path), framework="pt", device="cpu")
+        self.shapes: dict[str, tuple[int, ...]] = {
+            k: tuple(self._file.get_slice(k).get_shape()) for k in self._file.keys()}
+        self._ae = {f"vae.{k}": v for k, v in load_ae(self.directory / AE, cfg.vae).state_dict().items()}
+        self.shapes.update({k: tuple(v.shape) for k, v in self._ae.items()})
+
+    def check(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Raise CheckpointError naming the file unless names and shapes are exactly `expected`'s."""
+        as_meta = lambda shapes: {k: torch.empty(s, device="meta") for k, s in shapes.items()}  # noqa: E731
+        check_state(as_meta(expected), as_meta(self.shapes), path=self.path)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._ae:
+            return self._ae[name]
+        return self._file.get_tensor(name)

@@ -162,3 +162,78 @@ def test_broadcast_after_step_reaches_a_receiver_with_the_learners_checksum(step
     state = ray.get([lr.state_dict_for_eval.remote() for lr in learners], timeout=TIMEOUT)[0]
     assert all(torch.equal(weights[n], state[n]) for n in manifest.names)
     ray.kill(receiver)
+
+
+def _two_learners(ray, factory, **kw):
+    Learner = ray.remote(num_cpus=0)(LearnerWorker)
+    learners = [Learner.remote(LearnerSpec(rank=r, world_size=2, model_factory=factory, persistence_threshold=0,
+                                           bucket_bytes=BUCKET, seed=0, **HYPER, **kw)) for r in range(2)]
+    addr, port = ray.get(learners[0].rendezvous.remote(), timeout=TIMEOUT)
+    return learners, [lr.setup.remote(addr, port) for lr in learners]
+
+
+def _close(ray, learners):
+    ray.get([lr.shutdown.remote() for lr in learners], timeout=60)
+    for lr in learners:
+        ray.kill(lr)
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True])
+def test_zero3_learners_build_the_checkpoint_partitioned(ray_cluster, tmp_path, lora):
+    """From a checkpoint directory (the trainer's factory), ZeRO-3 ranks build the model under zero.Init:
+    every tensor is already a partition before deepspeed.initialize, and the gathered weights equal the
+    checkpoint's (the whole-model load_policy path, computed here in one process)."""
+    import ray
+
+    from driver.config import LoraSection, PolicyConfig
+    from driver.stages import load_policy, policy_factory
+    from umm.checkpoint import save_pretrained
+
+    source = tiny_model(seed=0)
+    policy = PolicyConfig(checkpoint=str(save_pretrained(source, tmp_path / "ckpt")), base="tiny",
+                          lora=LoraSection(enabled=lora, rank=4, alpha=8.0))
+    learners, setups = _two_learners(ray, policy_factory(policy))
+    infos = ray.get(setups, timeout=TIMEOUT)
+    n_base = len(list(source.parameters()))
+    for info in infos:
+        assert info["partitioned_at_build"] == n_base          # partitions from the start, LoRA's added after
+        assert info["partitioned_tensors"] == info["tensors"]  # and everything by the time the engine exists
+    torch.manual_seed(0)                                       # LoRA's A matrices: the learner's seed
+    reference = load_policy(policy)
+    assert ray.get([lr.trainable_checksum.remote() for lr in learners], timeout=TIMEOUT) == [model_checksum(reference)] * 2
+    state = ray.get([lr.state_dict_for_eval.remote() for lr in learners], timeout=TIMEOUT)[0]  # a collective
+    expected = dict(reference.named_parameters())
+    assert state.keys() >= expected.keys()
+    for name, p in expected.items():
+        assert torch.equal(state[name], p.detach()), name
+    if not lora:
+        assert infos[0]["trainable_tensors"] == sum(p.requires_grad for p in source.parameters())
+    else:
+        assert infos[0]["trainable_tensors"] == len([n for n in expected if ".lora_" in n]) > 0
+    _close(ray, learners)
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_zero3_build_from_a_checkpoint_missing_a_tensor_fails_on_every_rank(ray_cluster, tmp_path):
+    import ray
+    from safetensors.torch import load_file, save_file
+
+    from driver.config import PolicyConfig
+    from driver.stages import policy_factory
+    from umm.checkpoint import save_pretrained
+
+    ckpt = save_pretrained(tiny_model(seed=0), tmp_path / "ckpt")
+    tensors = load_file(str(ckpt / "ema.safetensors"))
+    dropped = "llm2vae.bias"
+    del tensors[dropped]
+    save_file(tensors, str(ckpt / "ema.safetensors"))
+    learners, setups = _two_learners(ray, policy_factory(PolicyConfig(checkpoint=str(ckpt), base="tiny")))
+    for setup in setups:                   # both ranks raise (checked before any gather): none is left waiting
+        with pytest.raises(ray.exceptions.RayTaskError, match=rf"ema.safetensors(.|\n)*{dropped}"):
+            ray.get(setup, timeout=TIMEOUT)
+    _close(ray, learners)
