@@ -139,6 +139,7 @@ class LearnerSection:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     zero_stage: int = 3
+    max_reuse_distance: int = 0      # ZeRO-3 "stage3_max_reuse_distance" (elements); -1 = DeepSpeed's default 1e9
     master_port: int = 0             # 0 = pick a free port
     sync_port: int = 0               # weight-broadcast group's port; 0 = pick a free port
     bucket_mb: float = 32.0
@@ -238,6 +239,7 @@ def validate(cfg: Config) -> Config:
     _at_least("pools.verifier.num", pools.verifier.num, 1)
     _at_least("pools.learner.world_size", pools.learner.world_size, 1)
     _choice("pools.learner.zero_stage", str(pools.learner.zero_stage), ("0", "1", "2", "3"))
+    _at_least("pools.learner.max_reuse_distance", pools.learner.max_reuse_distance, -1)
     _choice("pools.learner.placement", pools.learner.placement, PLACEMENT_STRATEGIES)
     if pools.learner.num_cpus <= 0 and pools.learner.num_gpus <= 0:
         raise ConfigError("pools.learner.num_cpus / num_gpus: a learner rank must ask for some CPU or GPU "

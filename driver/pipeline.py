@@ -113,7 +113,8 @@ class Pipeline:
         self.learners = [learner_cls.options(**learner_opts[r_]).remote(LearnerSpec(
             rank=r_, world_size=L.world_size, model_factory=policy_factory(cfg.policy),
             lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, grad_clip=cfg.trainer.grad_clip,
-            seed=cfg.run.seed, zero_stage=L.zero_stage, bucket_bytes=int(L.bucket_mb * (1 << 20))))
+            seed=cfg.run.seed, zero_stage=L.zero_stage, bucket_bytes=int(L.bucket_mb * (1 << 20)),
+            max_reuse_distance=None if L.max_reuse_distance == -1 else L.max_reuse_distance))
             for r_ in range(L.world_size)]
         # DeepSpeed's group meets on learner rank 0's node (wherever Ray placed it)
         addr, port = ray.get(self.learners[0].rendezvous.remote())

@@ -81,7 +81,12 @@ def test_spec_validation_names_the_field():
         spec.validate()
     cfg = LearnerSpec(rank=0, world_size=2, master_port=1234, model_factory=tiny_model,
                       persistence_threshold=0).deepspeed_config()
-    assert cfg["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
+    assert cfg["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                        "stage3_max_reuse_distance": 0}
+    deepspeed_default = LearnerSpec(rank=0, world_size=2, model_factory=tiny_model, max_reuse_distance=None)
+    assert "stage3_max_reuse_distance" not in deepspeed_default.deepspeed_config()["zero_optimization"]
+    with pytest.raises(ValueError, match="LearnerSpec.max_reuse_distance"):
+        LearnerSpec(rank=0, world_size=2, model_factory=tiny_model, max_reuse_distance=-1).validate()
     no_port = LearnerWorker(LearnerSpec(rank=0, world_size=1, model_factory=tiny_model))
     with pytest.raises(ValueError, match="master_port"):
         no_port.setup()

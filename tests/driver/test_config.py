@@ -33,6 +33,7 @@ def test_dotlist_overrides_and_config_file(tmp_path):
     ("eval.images_per_prompt=0", ["eval.images_per_prompt", ">= 1"]),
     ("pools.learner.placement=PACKED", ["pools.learner.placement", "STRICT_SPREAD"]),
     ("pools.learner.num_cpus=0", ["pools.learner.num_cpus", "bundle"]),
+    ("pools.learner.max_reuse_distance=-2", ["pools.learner.max_reuse_distance", ">= -1"]),
     ("steps", ["key=value"]),
 ])
 def test_bad_values_name_the_key(override, names):
