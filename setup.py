@@ -19,6 +19,7 @@ CORE = [
     "tqdm==4.70.1",
     "ray[default]==2.60.0",
     "deepspeed==0.19.8",
+    "xxhash==3.6.0",
 ]
 
 setup(

@@ -258,7 +258,7 @@ class LearnerWorker:
         return stats
 
     def trainable_checksum(self) -> int:
-        """crc32 of the full trainable weights (a ZeRO-3 gather: all ranks must call); same on every rank."""
+        """xxh3-64 of the full trainable weights (a ZeRO-3 gather: all ranks must call); same on every rank."""
         self._engine()
         return model_checksum(self.policy, bucket_bytes=self.spec.bucket_bytes)
 

@@ -5,8 +5,8 @@
     for bucket in manifest.buckets:          rank 0 = learner rank 0, ranks 1..N = receivers
         GatheredParameters(bucket)   ──►     header   int64 [magic, version, plan digest, n, bytes]
         rank 0: flatten to bytes     ──►     sizes    int64 (n,)           bytes of each bucket
-                crc32 += bytes       ──►     bucket_0 .. bucket_{n-1}      uint8, ONE collective each
-                                     ──►     trailer  int64 [crc32]
+                xxh3 += bytes        ──►     bucket_0 .. bucket_{n-1}      uint8, ONE collective each
+                                     ──►     trailer  int64 [xxh3-64]
     (ranks 1..W-1 take part in the gathers only)
 
 The plan (`WeightManifest`) is a pure function of the named trainable parameters (requires_grad, in
@@ -19,9 +19,10 @@ so the sender never deadlocks, then raises `WeightSyncError` and refuses to samp
 verified sync (`WeightReceiver.ready_for`). Buckets travel as raw bytes, so mixed dtypes need no casts
 and the received parameters are bitwise equal to the sender's.
 
-The checksum is zlib's crc32 over the raw bytes of the trainable tensors in manifest order: exact, the
-same on every process and device, ~1.5 GB/s on one core. Bytes are packed without padding, so the
-sender hashes each bucket buffer; a receiver hashes its parameters after loading them.
+The checksum is xxh3-64 (the `xxhash` package) over the raw bytes of the trainable tensors in manifest
+order: exact, the same on every process and device, ~18 GB/s on one core here (zlib's crc32, used
+before, ran at ~3.7 GB/s: 2.5x the time of copying the bytes). Bytes are packed without padding, so
+the sender hashes each bucket buffer; a receiver hashes its parameters after loading them.
 
 No Ray here; DeepSpeed is imported lazily and only when a parameter is ZeRO-partitioned.
 """
@@ -32,12 +33,12 @@ import datetime
 import hashlib
 import socket
 import time
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
+import xxhash
 from torch import Tensor, nn
 
 DEFAULT_BUCKET_BYTES = 32 << 20
@@ -93,7 +94,7 @@ class WeightManifest:
     buckets: tuple[tuple[int, int], ...]  # [start, end) index ranges into names, one collective each
     bucket_sizes: tuple[int, ...]         # bytes of each flattened bucket
     total_bytes: int
-    checksum: int | None = None           # crc32 of all bytes in order; None until the sender knows it
+    checksum: int | None = None           # xxh3-64 of all bytes in order; None until the sender knows it
 
     def digest(self) -> int:
         """A 63-bit fingerprint of the plan (names, shapes, dtypes, buckets): not version, not checksum."""
@@ -123,16 +124,37 @@ def _bytes_of(t: Tensor) -> Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
 
 
-def crc32_update(crc: int, data: Tensor) -> int:
-    return zlib.crc32(_bytes_of(data).numpy(), crc)
+class WeightsHash:
+    """xxh3-64 over raw bytes, streamed: the digest does not depend on how the bytes are split into
+    tensors or buckets, only on the bytes and their order."""
+
+    def __init__(self) -> None:
+        self._h = xxhash.xxh3_64()
+
+    def update(self, data: Tensor) -> "WeightsHash":
+        self._h.update(_bytes_of(data).numpy())
+        return self
+
+    def digest(self) -> int:
+        """Unsigned 64-bit."""
+        return self._h.intdigest()
+
+
+def _to_int64(u: int) -> int:
+    """An unsigned 64-bit digest as the int64 that carries it on the wire (and back: _from_int64)."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def _from_int64(s: int) -> int:
+    return s & ((1 << 64) - 1)
 
 
 def weights_checksum(tensors: Iterator[Tensor] | Sequence[Tensor]) -> int:
-    """crc32 over the raw bytes of `tensors` in order (full tensors, not ZeRO partitions)."""
-    crc = 0
+    """xxh3-64 over the raw bytes of `tensors` in order (full tensors, not ZeRO partitions)."""
+    h = WeightsHash()
     for t in tensors:
-        crc = crc32_update(crc, t)
-    return crc
+        h.update(t)
+    return h.digest()
 
 
 def _is_partitioned(params: Sequence[Tensor]) -> bool:
@@ -165,14 +187,14 @@ def gathered_buckets(params: Sequence[nn.Parameter], manifest: WeightManifest) -
 
 
 def model_checksum(model: nn.Module, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> int:
-    """crc32 of a model's trainable weights (gathered bucket by bucket; a collective under ZeRO-3)."""
+    """xxh3-64 of a model's trainable weights (gathered bucket by bucket; a collective under ZeRO-3)."""
     named = trainable_named_parameters(model)
     manifest = build_manifest(named, version=0, bucket_bytes=bucket_bytes)
-    crc = 0
+    h = WeightsHash()
     for tensors in gathered_buckets([p for _, p in named], manifest):
         for t in tensors:
-            crc = crc32_update(crc, t)
-    return crc
+            h.update(t)
+    return h.digest()
 
 
 # --------------------------------------------------------------------------- the broadcast group
@@ -228,7 +250,7 @@ class SyncStats:
     buckets: int          # payload collectives, one per bucket
     collectives: int      # all collectives of the sync (buckets + header, sizes, trailer)
     seconds: float
-    checksum: int | None  # crc32 of the weights (None on learner ranks that only took part in gathers)
+    checksum: int | None  # xxh3-64 of the weights (None on learner ranks that only took part in gathers)
 
 
 def _header(manifest: WeightManifest) -> Tensor:
@@ -258,7 +280,7 @@ def send_weights(group: BroadcastGroup | None, buckets: Iterator[list[Tensor]],
     slots = [torch.empty(max(manifest.bucket_sizes, default=0), dtype=torch.uint8)
              for _ in range(min(2, len(manifest.buckets)))]
     in_flight: list = [None] * len(slots)
-    crc, sent = 0, 0
+    h, sent = WeightsHash(), 0
     for i, tensors in enumerate(buckets):
         slot = i % len(slots)
         if in_flight[slot] is not None:
@@ -270,7 +292,7 @@ def send_weights(group: BroadcastGroup | None, buckets: Iterator[list[Tensor]],
             offset += raw.numel()
         if offset != flat.numel():
             raise WeightSyncError(f"bucket {i} packed {offset} bytes, the manifest says {flat.numel()}")
-        crc = zlib.crc32(flat.numpy(), crc)
+        h.update(flat)
         in_flight[slot] = group.broadcast(flat, async_op=True)
         sent += 1
     for work in in_flight:
@@ -278,9 +300,9 @@ def send_weights(group: BroadcastGroup | None, buckets: Iterator[list[Tensor]],
             work.wait()
     if sent != len(manifest.buckets):
         raise WeightSyncError(f"sent {sent} buckets, the manifest has {len(manifest.buckets)}")
-    group.broadcast(torch.tensor([crc], dtype=torch.int64))
+    group.broadcast(torch.tensor([_to_int64(h.digest())], dtype=torch.int64))
     return SyncStats(version=manifest.version, bytes=manifest.total_bytes, buckets=sent,
-                     collectives=group.collectives - first, seconds=time.perf_counter() - t0, checksum=crc)
+                     collectives=group.collectives - first, seconds=time.perf_counter() - t0, checksum=h.digest())
 
 
 def _plan_problem(expected: WeightManifest, named: Sequence[tuple[str, Tensor]]) -> str | None:
@@ -307,8 +329,8 @@ def receive_weights(group: BroadcastGroup, model: nn.Module, manifest: WeightMan
     return _receive_into(group, trainable_named_parameters(model), manifest)
 
 
-def _load_bucket(flat: Tensor, bucket: Sequence[nn.Parameter], crc: int) -> int:
-    """Copy a received bucket's bytes into its parameters; return the crc32 continued over them."""
+def _load_bucket(flat: Tensor, bucket: Sequence[nn.Parameter], h: WeightsHash) -> None:
+    """Copy a received bucket's bytes into its parameters and continue the hash over them."""
     offset = 0
     with torch.no_grad():
         for p in bucket:
@@ -316,8 +338,7 @@ def _load_bucket(flat: Tensor, bucket: Sequence[nn.Parameter], crc: int) -> int:
             dst.copy_(flat[offset:offset + dst.numel()])
             offset += dst.numel()
     for p in bucket:  # hash what the model now holds, not the wire buffer
-        crc = crc32_update(crc, p.data)
-    return crc
+        h.update(p.data)
 
 
 def _receive_into(group: BroadcastGroup, named: Sequence[tuple[str, nn.Parameter]],
@@ -341,27 +362,27 @@ def _receive_into(group: BroadcastGroup, named: Sequence[tuple[str, nn.Parameter
     post = lambda i: group.broadcast(slots[i % len(slots)][:int(sizes[i])], async_op=True)  # noqa: E731
     in_flight = [post(i) for i in range(len(slots))]
     params = [p for _, p in named]
-    crc = 0
+    h = WeightsHash()
     for i in range(n_buckets):
         in_flight[i % len(slots)].wait()
         flat = slots[i % len(slots)][:int(sizes[i])]
         if problem is None:  # else drain only: keep the group in step
-            crc = _load_bucket(flat, params[manifest.buckets[i][0]:manifest.buckets[i][1]], crc)
+            _load_bucket(flat, params[manifest.buckets[i][0]:manifest.buckets[i][1]], h)
         if i + len(slots) < n_buckets:
             in_flight[i % len(slots)] = post(i + len(slots))
     trailer = torch.zeros(1, dtype=torch.int64)
     group.broadcast(trailer)
-    sent_crc = int(trailer[0])
-    if problem is None and crc != sent_crc:
-        problem = f"checksum of the loaded weights {crc:#010x} != sender's {sent_crc:#010x}"
-    if problem is None and manifest.checksum is not None and manifest.checksum != sent_crc:
-        problem = f"sender's checksum {sent_crc:#010x} != manifest checksum {manifest.checksum:#010x}"
+    sent, got = _from_int64(int(trailer[0])), h.digest()
+    if problem is None and got != sent:
+        problem = f"checksum of the loaded weights {got:#018x} != sender's {sent:#018x}"
+    if problem is None and manifest.checksum is not None and manifest.checksum != sent:
+        problem = f"sender's checksum {sent:#018x} != manifest checksum {manifest.checksum:#018x}"
     if problem is not None:
-        expected = "unknown" if manifest.checksum is None else f"{manifest.checksum:#010x}"
+        expected = "unknown" if manifest.checksum is None else f"{manifest.checksum:#018x}"
         raise WeightSyncError(f"weight sync to version {manifest.version} rejected: {problem} "
-                              f"(expected checksum {expected}, sender's {sent_crc:#010x}, received {crc:#010x})")
+                              f"(expected checksum {expected}, sender's {sent:#018x}, received {got:#018x})")
     return SyncStats(version=version, bytes=total, buckets=n_buckets, collectives=group.collectives - first,
-                     seconds=time.perf_counter() - t0, checksum=crc)
+                     seconds=time.perf_counter() - t0, checksum=got)
 
 
 class WeightReceiver:

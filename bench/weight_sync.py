@@ -4,10 +4,10 @@
 
 The sender is this process (broadcast rank 0, a plain module: the sync path after the ZeRO-3
 gathers); receivers are spawned processes loading into a model of the same shapes through
-`WeightReceiver` (header, sizes, one collective per bucket, trailer, crc32 of the loaded weights).
+`WeightReceiver` (header, sizes, one collective per bucket, trailer, xxh3-64 of the loaded weights).
 One sync's time is the slowest side's; the ideal is one memcpy of the payload at the bandwidth
 measured here (best of 5 `copy_` of a warm buffer of the same size). `wire_s` times one plain gloo
-broadcast of the whole payload (the transport's floor), `checksum_s` one crc32 pass over it.
+broadcast of the whole payload (the transport's floor), `checksum_s` one xxh3-64 pass over it.
 """
 from __future__ import annotations
 

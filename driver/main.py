@@ -44,8 +44,8 @@ def run(cfg: Config) -> dict:
         try:
             result = pipe.run(log=log)
             learner_sum, actor_sums = pipe.checksums()
-            print(f"weights: learner checksum {learner_sum:#010x}, replicas (rollout, refine) "
-                  f"{', '.join(f'{c:#010x}' for c in actor_sums)}", flush=True)
+            print(f"weights: learner checksum {learner_sum:#018x}, replicas (rollout, refine) "
+                  f"{', '.join(f'{c:#018x}' for c in actor_sums)}", flush=True)
         finally:
             pipe.shutdown()
     summary = {"mode": cfg.trainer.mode, "steps": len(result.steps), "trajectories": result.trajectories,

@@ -4,7 +4,7 @@
     ZeRO-3 step: rank r runs grpo_loss(half r); DeepSpeed averages the gradients, clips, AdamW
     reference:   one process, loss = mean of the two halves' grpo_loss, clip_grad_norm_, torch AdamW
     => gathered learner weights == reference weights (1e-6); then a broadcast to a Ray receiver actor:
-       receiver crc32 == sender's == trainable_checksum() on both learner ranks, weights bitwise equal.
+       receiver xxh3 == sender's == trainable_checksum() on both learner ranks, weights bitwise equal.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 receiver processes (torch.multiprocessing, forkserver) with the tiny model.
 
 Chain checked by the broadcast test: sender's weights == each receiver's weights (bitwise)
-=> receiver crc32 == sender crc32 == model_checksum(sender); collectives == buckets + 3 on every side;
+=> receiver xxh3 == sender xxh3 == model_checksum(sender); collectives == buckets + 3 on every side;
 a mismatched version, checksum or plan raises WeightSyncError on that receiver only, leaves it
 refusing to sample (ready_for False), and the group stays in step for the next sync.
 """
@@ -78,6 +78,22 @@ def test_checksum_equal_for_equal_weights_and_changes_with_one_element():
         p = trainable_named_parameters(b)[5][1]
         p.view(-1)[7] = torch.nextafter(p.view(-1)[7], torch.tensor(float("inf")))  # one ulp
     assert model_checksum(a) != model_checksum(b)
+
+
+def test_checksum_is_xxh3_of_the_concatenated_bytes_and_survives_the_int64_wire():
+    import numpy as np
+    import xxhash
+
+    from actors.weight_sync import _from_int64, _to_int64
+
+    tensors = [torch.randn(5), torch.arange(7, dtype=torch.int16), torch.randn(2, 3).to(torch.bfloat16)]
+    raw = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors)
+    assert weights_checksum(tensors) == xxhash.xxh3_64_intdigest(raw)
+    assert weights_checksum([]) == xxhash.xxh3_64_intdigest(b"")
+    for u in (0, 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, weights_checksum(tensors)):
+        wire = torch.tensor([_to_int64(u)], dtype=torch.int64)          # what the trailer carries
+        assert _from_int64(int(wire[0])) == u
+    assert np.iinfo(np.int64).min <= _to_int64((1 << 64) - 1) < 0
 
 
 def test_checksum_is_order_sensitive_and_bucketing_free():
@@ -165,7 +181,7 @@ def test_broadcast_to_two_receivers_is_bitwise_and_verified(broadcast_world):
             assert torch.equal(torch.from_numpy(r["weights"][n]), p.detach()), n
 
 
-@pytest.mark.parametrize("kind, message", [("wrong_version", "expected 7"), ("wrong_checksum", "0x00003039"),
+@pytest.mark.parametrize("kind, message", [("wrong_version", "expected 7"), ("wrong_checksum", "0x0000000000003039"),
                                            ("wrong_plan", "bucket plan")])
 def test_mismatch_is_refused_by_that_receiver_only(broadcast_world, kind, message):
     model = tiny_model(seed=1)
