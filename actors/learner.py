@@ -241,12 +241,17 @@ class LearnerWorker:
         return build_manifest(trainable_named_parameters(self.policy), version=self.version,
                               bucket_bytes=self.spec.bucket_bytes)
 
-    def join_weight_group(self, addr: str, port: int, world_size: int) -> None:
-        """Rank 0 becomes rank 0 of the weight-broadcast group (it hosts its store at addr:port);
-        the other learner ranks stay out of it but still take part in the gathers."""
-        if self.spec.rank == 0:
-            self.group = BroadcastGroup(host=addr, port=port, rank=0, world_size=world_size,
-                                        timeout_s=self.spec.timeout_s, local_host=addr)
+    def join_weight_group(self, addr: str, port: int, world_size: int, allow_shared: bool = True) -> str | None:
+        """Rank 0 becomes rank 0 of the weight-broadcast group (it hosts its store at addr:port) and
+        returns its lane ("shared" memory when every receiver is on this node, else "gloo"); the other
+        learner ranks stay out of it (None) but still take part in the gathers."""
+        if self.spec.rank != 0:
+            return None
+        if self.group is not None:     # joining again: a new group replaces the old one
+            self.group.close()
+        self.group = BroadcastGroup(host=addr, port=port, rank=0, world_size=world_size,
+                                    timeout_s=self.spec.timeout_s, local_host=addr)
+        return self.group.open_lane(trainable_named_parameters(self.policy), allow_shared=allow_shared)
 
     def broadcast_weights(self) -> SyncStats:
         """Gather the trainable weights bucket by bucket; rank 0 broadcasts each. All ranks must call."""

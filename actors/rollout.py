@@ -53,13 +53,15 @@ class RolloutWorker:
         return heldout_verdicts(self.model, self.tok, self.cfg.eval, image_indices=image_indices)
 
     # -- weights ----------------------------------------------------------------------------------
-    def join_weight_group(self, host: str, port: int, world_size: int, rank: int) -> None:
-        """Join the weight-broadcast group (rank 0 is learner rank 0) and start holding version 0."""
+    def join_weight_group(self, host: str, port: int, world_size: int, rank: int, allow_shared: bool = True) -> str:
+        """Join the weight-broadcast group (rank 0 is learner rank 0) and start holding version 0;
+        returns the lane the group chose ("shared" memory on one node, else "gloo")."""
         from actors.node import node_ip
-        from actors.weight_sync import BroadcastGroup, WeightReceiver
+        from actors.weight_sync import BroadcastGroup, WeightReceiver, trainable_named_parameters
         self.group = BroadcastGroup(host=host, port=port, rank=rank, world_size=world_size, local_host=node_ip())
         self.receiver = WeightReceiver(self.model, bucket_bytes=int(self.cfg.pools.learner.bucket_mb * (1 << 20)),
                                        initial_version=self.version)
+        return self.group.open_lane(trainable_named_parameters(self.model), allow_shared=allow_shared)
 
     def receive_weights(self, manifest) -> int:
         """Take part in one broadcast; the checksum is verified (WeightSyncError on a mismatch, and

@@ -41,6 +41,8 @@ import torch.distributed as dist
 import xxhash
 from torch import Tensor, nn
 
+from actors import shm_lane
+
 DEFAULT_BUCKET_BYTES = 32 << 20
 _MAGIC = 0x57534E43  # "WSNC"
 
@@ -59,6 +61,12 @@ def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter
 def full_shape(p: Tensor) -> tuple[int, ...]:
     """The logical shape, also for a ZeRO-3 partitioned parameter (whose `.shape` is empty)."""
     return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def manifest_sizes(manifest: "WeightManifest") -> tuple[int, ...]:
+    """Bytes of each tensor of a plan."""
+    return tuple(_nbytes(shape, getattr(torch, dtype.removeprefix("torch.")))
+                 for shape, dtype in zip(manifest.shapes, manifest.dtypes))
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -226,6 +234,22 @@ class BroadcastGroup:
         self.pg = dist.ProcessGroupGloo(dist.PrefixStore("weight_sync", self.store), rank, world_size, opts)
         self.rank, self.world_size = rank, world_size
         self.collectives = 0
+        self.shared: shm_lane.SharedSlots | None = None   # the same-node lane, once open_lane chose it
+
+    def open_lane(self, named: Sequence[tuple[str, Tensor]], *, allow_shared: bool = True,
+                  chunk_bytes: int = shm_lane.DEFAULT_CHUNK_BYTES) -> str:
+        """Choose how syncs travel (a collective: every rank calls it once, with its trainable named
+        parameters): "shared" when every rank is on rank 0's node and /dev/shm has room
+        (actors.shm_lane), else "gloo". `allow_shared=False` on any rank forces gloo."""
+        sizes = [_nbytes(full_shape(p), p.dtype) for _, p in named]
+        self.shared = shm_lane.open_lane(self.store, self.pg, self.rank, sizes, chunk_bytes=chunk_bytes,
+                                         wanted=allow_shared)
+        self.collectives += 1 if self.shared is None else 2
+        return self.lane
+
+    @property
+    def lane(self) -> str:
+        return "gloo" if self.shared is None else "shared"
 
     def broadcast(self, tensor: Tensor, *, async_op: bool = False):
         """In place, from rank 0; `tensor` must be a contiguous CPU tensor of the same size everywhere.
@@ -250,7 +274,9 @@ class SyncStats:
     buckets: int          # payload collectives, one per bucket
     collectives: int      # all collectives of the sync (buckets + header, sizes, trailer)
     seconds: float
-    checksum: int | None  # xxh3-64 of the weights (None on learner ranks that only took part in gathers)
+    checksum: int | None  # xxh3-64 of the weights (None on learner ranks that only took part in gathers);
+                          # on the shared lane: xxh3-64 of the slot's chunk digests
+    receivers_verified: bool | None = None   # shared lane, sender: did every receiver accept the sync
 
 
 def _header(manifest: WeightManifest) -> Tensor:
@@ -274,6 +300,12 @@ def send_weights(group: BroadcastGroup | None, buckets: Iterator[list[Tensor]],
     if group.rank != 0:
         raise WeightSyncError(f"send_weights on broadcast rank {group.rank}; only rank 0 sends")
     first = group.collectives
+    if group.shared is not None:
+        digest, verified, seconds = shm_lane.send_shared(group, group.shared, buckets, manifest,
+                                                         manifest_sizes(manifest), WeightsHash)
+        return SyncStats(version=manifest.version, bytes=manifest.total_bytes, buckets=0,
+                         collectives=group.collectives - first, seconds=seconds, checksum=digest,
+                         receivers_verified=verified)
     group.broadcast(_header(manifest))
     group.broadcast(torch.tensor(manifest.bucket_sizes, dtype=torch.int64))
     # two buffers: bucket i is on the wire while bucket i+1 is gathered, packed and hashed
@@ -345,6 +377,13 @@ def _receive_into(group: BroadcastGroup, named: Sequence[tuple[str, nn.Parameter
                   manifest: WeightManifest) -> SyncStats:
     t0, first = time.perf_counter(), group.collectives
     problem = _plan_problem(manifest, named)
+    if group.shared is not None:
+        version, digest, problem = shm_lane.receive_shared(
+            group, group.shared, [p for _, p in named], manifest, manifest_sizes(manifest), problem, WeightsHash)
+        if problem is not None:
+            raise WeightSyncError(f"weight sync to version {manifest.version} rejected: {problem}")
+        return SyncStats(version=version, bytes=manifest.total_bytes, buckets=0,
+                         collectives=group.collectives - first, seconds=time.perf_counter() - t0, checksum=digest)
     header = torch.zeros(5, dtype=torch.int64)
     group.broadcast(header)
     magic, version, digest, n_buckets, total = (int(x) for x in header)

@@ -1,6 +1,9 @@
 """P2 of issue 6: weight-sync time / (bytes / measured memory-copy bandwidth).
 
-    python -m bench.weight_sync --mb 64 --receivers 1
+    python -m bench.weight_sync --mb 64 --receivers 1 [--lane gloo]
+
+The receivers run on this machine, so the default lane is the shared-memory one (actors.shm_lane);
+`--lane gloo` measures the broadcast every group falls back to when a receiver is on another node.
 
 The sender is this process (broadcast rank 0, a plain module: the sync path after the ZeRO-3
 gathers); receivers are spawned processes loading into a model of the same shapes through
@@ -53,12 +56,14 @@ def memcpy_bandwidth(nbytes: int, *, trials: int = 5) -> float:
     return src.numel() * 4 / best
 
 
-def _receiver(rank: int, world: int, port: int, sizes: tuple[int, int, int], repeats: int, results) -> None:
+def _receiver(rank: int, world: int, port: int, sizes: tuple[int, int, int], repeats: int, results,
+              lane: str) -> None:
     torch.set_num_threads(1)
     total_bytes, tensor_bytes, bucket_bytes = sizes
     model = _synthetic(total_bytes, tensor_bytes, fill=False)
     receiver = WeightReceiver(model, bucket_bytes=bucket_bytes)
     group = BroadcastGroup(host="127.0.0.1", port=port, rank=rank, world_size=world)
+    group.open_lane(trainable_named_parameters(model), allow_shared=lane != "gloo")
     for version in range(1, repeats + 1):
         stats = receiver.receive(group, receiver.expected_manifest(version))
         results.put((rank, version, stats.seconds))
@@ -78,12 +83,12 @@ def _raw_broadcasts(group: BroadcastGroup, nbytes: int, repeats: int) -> list[fl
 
 
 def measure_sync(*, total_bytes: int = 64 << 20, n_receivers: int = 1, bucket_bytes: int = 32 << 20,
-                 tensor_bytes: int = 4 << 20, repeats: int = 3) -> dict:
+                 tensor_bytes: int = 4 << 20, repeats: int = 3, lane: str = "auto") -> dict:
     """Time `repeats` syncs of `total_bytes` to `n_receivers` processes; returns the P2 ratio and parts."""
     ctx = mp.get_context("spawn")
     port, world, results = free_port(), n_receivers + 1, ctx.Queue()
     sizes = (total_bytes, tensor_bytes, bucket_bytes)
-    procs = [ctx.Process(target=_receiver, args=(r, world, port, sizes, repeats, results), daemon=True)
+    procs = [ctx.Process(target=_receiver, args=(r, world, port, sizes, repeats, results, lane), daemon=True)
              for r in range(1, world)]
     for p in procs:
         p.start()
@@ -91,6 +96,7 @@ def measure_sync(*, total_bytes: int = 64 << 20, n_receivers: int = 1, bucket_by
     named = trainable_named_parameters(model)
     params = [p for _, p in named]
     group = BroadcastGroup(host="127.0.0.1", port=port, rank=0, world_size=world)
+    chosen = group.open_lane(named, allow_shared=lane != "gloo")
     per_sync = []
     try:
         for version in range(1, repeats + 1):
@@ -111,7 +117,7 @@ def measure_sync(*, total_bytes: int = 64 << 20, n_receivers: int = 1, bucket_by
     bandwidth = memcpy_bandwidth(payload)
     sync_s = statistics.median(per_sync)
     ideal_s = payload / bandwidth
-    return {"bytes": payload, "buckets": len(manifest.buckets), "receivers": n_receivers,
+    return {"lane": chosen, "bytes": payload, "buckets": len(manifest.buckets), "receivers": n_receivers,
             "sync_s": sync_s, "sync_s_all": per_sync, "memcpy_GBps": bandwidth / 1e9, "ideal_s": ideal_s,
             "ratio": sync_s / ideal_s, "checksum_s": checksum_s, "sync_GBps": payload / sync_s / 1e9,
             "wire_s": statistics.median(wire), "wire_ratio": statistics.median(wire) / ideal_s}
@@ -123,9 +129,11 @@ def main() -> None:
     ap.add_argument("--receivers", type=int, default=1)
     ap.add_argument("--bucket-mb", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lane", choices=("auto", "gloo"), default="auto",
+                    help="auto: the shared-memory lane when every receiver is on this node (as here)")
     a = ap.parse_args()
     print(json.dumps(measure_sync(total_bytes=a.mb << 20, n_receivers=a.receivers, bucket_bytes=a.bucket_mb << 20,
-                                  repeats=a.repeats), indent=2))
+                                  repeats=a.repeats, lane=a.lane), indent=2))
 
 
 if __name__ == "__main__":

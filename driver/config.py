@@ -143,6 +143,7 @@ class LearnerSection:
     master_port: int = 0             # 0 = pick a free port
     sync_port: int = 0               # weight-broadcast group's port; 0 = pick a free port
     bucket_mb: float = 32.0
+    weight_lane: str = "auto"        # "auto": shared memory when every rollout/refine actor is on learner rank 0's node; "gloo"
     placement: str = "PACK"          # the ranks' placement group (gang-scheduled): PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
     placement_timeout_s: float = 600.0   # wait this long for every rank's bundle (e.g. GPU nodes scaling up)
 
@@ -241,6 +242,7 @@ def validate(cfg: Config) -> Config:
     _choice("pools.learner.zero_stage", str(pools.learner.zero_stage), ("0", "1", "2", "3"))
     _at_least("pools.learner.max_reuse_distance", pools.learner.max_reuse_distance, -1)
     _choice("pools.learner.placement", pools.learner.placement, PLACEMENT_STRATEGIES)
+    _choice("pools.learner.weight_lane", pools.learner.weight_lane, ("auto", "gloo"))
     if pools.learner.num_cpus <= 0 and pools.learner.num_gpus <= 0:
         raise ConfigError("pools.learner.num_cpus / num_gpus: a learner rank must ask for some CPU or GPU "
                           "(its placement-group bundle cannot be empty)")

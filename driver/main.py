@@ -41,6 +41,9 @@ def run(cfg: Config) -> dict:
         print(connect(cfg.ray, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}},
                       need_cpus=required_resources(cfg)["CPU"]), flush=True)
         pipe = Pipeline(cfg)
+        print(f"weight sync: {pipe.weight_lane} lane ("
+              + ("shared memory: every replica is on learner rank 0's node)" if pipe.weight_lane == "shared"
+                 else "gloo broadcast)"), flush=True)
         try:
             result = pipe.run(log=log)
             learner_sum, actor_sums = pipe.checksums()

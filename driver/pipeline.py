@@ -132,9 +132,10 @@ class Pipeline:
         port = self.cfg.pools.learner.sync_port or port
         replicas = self.replicas
         world = 1 + len(replicas)
-        joins = [self.learners[0].join_weight_group.remote(addr, port, world)]
-        joins += [actor.join_weight_group.remote(addr, port, world, 1 + i) for i, actor in enumerate(replicas)]
-        self.ray.get(joins)
+        shared = self.cfg.pools.learner.weight_lane == "auto"
+        joins = [self.learners[0].join_weight_group.remote(addr, port, world, shared)]
+        joins += [actor.join_weight_group.remote(addr, port, world, 1 + i, shared) for i, actor in enumerate(replicas)]
+        self.weight_lane = self.ray.get(joins)[0]
 
     @property
     def replicas(self) -> list:

@@ -59,8 +59,9 @@ class ReceiverActor:
         self.receiver = WeightReceiver(self.model, bucket_bytes=BUCKET)
         self.group = None
 
-    def join_weight_group(self, addr, port, world_size, rank):
+    def join_weight_group(self, addr, port, world_size, rank, allow_shared):
         self.group = BroadcastGroup(host=addr, port=port, rank=rank, world_size=world_size)
+        return self.group.open_lane(trainable_named_parameters(self.model), allow_shared=allow_shared)
 
     def load_weights(self, manifest):
         return self.receiver.receive(self.group, manifest)
@@ -145,23 +146,30 @@ def test_zero3_step_equals_single_process_adamw(stepped):
 @pytest.mark.ray
 @pytest.mark.deepspeed
 @pytest.mark.slow
-def test_broadcast_after_step_reaches_a_receiver_with_the_learners_checksum(stepped):
+@pytest.mark.parametrize("lane", ["gloo", "shared"])
+def test_broadcast_after_step_reaches_a_receiver_with_the_learners_checksum(stepped, lane):
     import ray
 
     learners = stepped[0]
     receiver = ray.remote(num_cpus=0)(ReceiverActor).remote()
     port = free_port()
-    ray.get([lr.join_weight_group.remote("127.0.0.1", port, 2) for lr in learners]
-            + [receiver.join_weight_group.remote("127.0.0.1", port, 2, 1)], timeout=TIMEOUT)
+    shared = lane == "shared"
+    lanes = ray.get([lr.join_weight_group.remote("127.0.0.1", port, 2, shared) for lr in learners]
+                    + [receiver.join_weight_group.remote("127.0.0.1", port, 2, 1, shared)], timeout=TIMEOUT)
+    assert lanes == [lane, None, lane]                                     # learner rank 1 is not in the group
     manifest = ray.get(learners[0].weight_manifest.remote(), timeout=TIMEOUT)
     assert manifest.version == 1 and len(manifest.buckets) > 1
     assert not ray.get(receiver.ready_for.remote(1))
     *sent, got = ray.get([lr.broadcast_weights.remote() for lr in learners] + [receiver.load_weights.remote(manifest)],
                          timeout=TIMEOUT)
-    assert sent[0].buckets == got.buckets == len(manifest.buckets) and sent[0].bytes == manifest.total_bytes
+    assert sent[0].bytes == got.bytes == manifest.total_bytes and sent[0].checksum == got.checksum
     assert sent[1].bytes == 0 and sent[1].checksum is None                 # rank 1 only took part in gathers
     learner_sums = ray.get([lr.trainable_checksum.remote() for lr in learners], timeout=TIMEOUT)
-    assert learner_sums[0] == learner_sums[1] == sent[0].checksum == got.checksum == ray.get(receiver.checksum.remote())
+    assert learner_sums[0] == learner_sums[1] == ray.get(receiver.checksum.remote())
+    if lane == "gloo":
+        assert sent[0].buckets == got.buckets == len(manifest.buckets) and sent[0].checksum == learner_sums[0]
+    else:
+        assert sent[0].receivers_verified is True
     assert ray.get(receiver.ready_for.remote(1))
     weights = ray.get(receiver.trainable_weights.remote())
     state = ray.get([lr.state_dict_for_eval.remote() for lr in learners], timeout=TIMEOUT)[0]

@@ -105,12 +105,17 @@ def test_checksum_is_order_sensitive_and_bucketing_free():
 
 # --------------------------------------------------------------------------- broadcast
 
-def _receiver_main(rank: int, port: int, commands, results) -> None:
+CHUNK = 256 << 10   # shared lane: the tiny model's slot is a few chunks
+
+
+def _receiver_main(rank: int, port: int, lane: str, commands, results) -> None:
     """A receiver process: for each command (version, kind), receive one sync and report."""
     torch.set_num_threads(1)
     model = tiny_model(seed=100 + rank)   # different weights until the first sync
     receiver = WeightReceiver(model, bucket_bytes=SMALL_BUCKET)
     group = BroadcastGroup(host="127.0.0.1", port=port, rank=rank, world_size=3, timeout_s=600)
+    chosen = group.open_lane(trainable_named_parameters(model), allow_shared=lane == "shared", chunk_bytes=CHUNK)
+    results.put({"rank": rank, "lane": chosen})
     while (cmd := commands.get()) is not None:
         version, kind = cmd
         manifest = receiver.expected_manifest(version)
@@ -120,33 +125,57 @@ def _receiver_main(rank: int, port: int, commands, results) -> None:
             manifest = manifest.with_version(version, checksum=12345)
         elif kind == "wrong_plan":
             manifest = WeightReceiver(model, bucket_bytes=SMALL_BUCKET * 2).expected_manifest(version)
+        elif kind == "tamper":   # shared lane: flip a byte of the slot after the sender hashed it
+            broadcast, calls = group.broadcast, []
+
+            def tampering(tensor, **kw):
+                out = broadcast(tensor, **kw)
+                calls.append(1)
+                if len(calls) == 1:   # the header has arrived: the slot is written and hashed
+                    group.shared.slot(version % 2)[100] ^= 0xFF
+                return out
+            group.broadcast = tampering
         first = group.collectives
         try:
             stats = receiver.receive(group, manifest)
             error = None
         except WeightSyncError as e:
             stats, error = None, str(e)
-        weights = {n: p.detach().clone().numpy() for n, p in trainable_named_parameters(model)}
+        if kind == "tamper":
+            group.broadcast = broadcast
+        params = trainable_named_parameters(model)
+        weights = {n: p.detach().clone().numpy() for n, p in params}
+        in_slot = group.shared is not None and all(
+            p.untyped_storage().data_ptr() == group.shared.buffer.untyped_storage().data_ptr() for _, p in params)
         results.put({"rank": rank, "error": error, "stats": stats, "collectives": group.collectives - first,
-                     "ready": receiver.ready_for(version), "checksum": model_checksum(model), "weights": weights})
+                     "ready": receiver.ready_for(version), "checksum": model_checksum(model), "weights": weights,
+                     "in_slot": in_slot})
     group.close()
 
 
-@pytest.fixture(scope="module")
-def broadcast_world():
-    """This process as sender (rank 0) and two receiver processes (ranks 1, 2)."""
+@pytest.fixture(scope="module", params=["gloo", "shared"])
+def broadcast_world(request):
+    """This process as sender (rank 0) and two receiver processes (ranks 1, 2), on either lane."""
+    import glob
+
     torch.set_num_threads(1)
+    lane = request.param
+    before = set(glob.glob("/dev/shm/alphagrpo-weights-*"))
     # forkserver: one fresh process imports the model stack once and forks both receivers from it
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["tests.actors.test_weight_sync"])
     port = free_port()
     queues = [ctx.Queue() for _ in range(2)]
     results = ctx.Queue()
-    procs = [ctx.Process(target=_receiver_main, args=(r + 1, port, queues[r], results), daemon=True)
+    procs = [ctx.Process(target=_receiver_main, args=(r + 1, port, lane, queues[r], results), daemon=True)
              for r in range(2)]
     for p in procs:
         p.start()
     group = BroadcastGroup(host="127.0.0.1", port=port, rank=0, world_size=3, timeout_s=600)
+    chosen = group.open_lane(trainable_named_parameters(tiny_model()), allow_shared=lane == "shared",
+                             chunk_bytes=CHUNK)
+    assert chosen == lane and all(results.get(timeout=600)["lane"] == lane for _ in procs)
+    assert set(glob.glob("/dev/shm/alphagrpo-weights-*")) == before    # unlinked once everyone mapped it
     yield group, queues, results
     for q in queues:
         q.put(None)
@@ -163,20 +192,28 @@ def _sync(world, model, version, kinds):
     manifest = build_manifest(named, version=version, bucket_bytes=SMALL_BUCKET)
     first = group.collectives
     stats = send_weights(group, gathered_buckets([p for _, p in named], manifest), manifest)
-    assert group.collectives - first == stats.collectives == len(manifest.buckets) + 3
+    expected = len(manifest.buckets) + 3 if group.lane == "gloo" else 3   # header, digests, all_reduce
+    assert group.collectives - first == stats.collectives == expected
     got = sorted((results.get(timeout=600) for _ in queues), key=lambda r: r["rank"])
     return manifest, stats, got
 
 
 def test_broadcast_to_two_receivers_is_bitwise_and_verified(broadcast_world):
+    group = broadcast_world[0]
     model = tiny_model(seed=0)
     manifest, stats, got = _sync(broadcast_world, model, 1, ["ok", "ok"])
-    assert stats.buckets == len(manifest.buckets) > 1 and stats.bytes == manifest.total_bytes
-    assert stats.checksum == model_checksum(model)
+    assert stats.bytes == manifest.total_bytes
+    if group.lane == "gloo":
+        assert stats.buckets == len(manifest.buckets) > 1
+        assert stats.checksum == model_checksum(model)
+    else:   # the shared lane's checksum is over the slot's chunk digests; every receiver accepted
+        assert stats.receivers_verified is True and group.shared.layout.n_chunks > 1
     for r in got:
         assert r["error"] is None and r["ready"]
-        assert r["stats"].checksum == stats.checksum == r["checksum"]
-        assert r["stats"].buckets == len(manifest.buckets) and r["collectives"] == len(manifest.buckets) + 3
+        assert r["stats"].checksum == stats.checksum
+        assert r["checksum"] == model_checksum(model)
+        assert r["collectives"] == stats.collectives
+        assert r["in_slot"] == (group.lane == "shared")             # no copy: the parameters live in the file
         for n, p in trainable_named_parameters(model):
             assert torch.equal(torch.from_numpy(r["weights"][n]), p.detach()), n
 
@@ -188,10 +225,29 @@ def test_mismatch_is_refused_by_that_receiver_only(broadcast_world, kind, messag
     with torch.no_grad():
         trainable_named_parameters(model)[0][1].add_(1.0)
     _, stats, (good, bad) = _sync(broadcast_world, model, 2, ["ok", kind])
-    assert good["error"] is None and good["ready"] and good["checksum"] == stats.checksum
+    assert good["error"] is None and good["ready"] and good["checksum"] == model_checksum(model)
     assert bad["error"] is not None and message in bad["error"], bad["error"]
     assert not bad["ready"]                                         # refuses to sample
     assert bad["collectives"] == good["collectives"]                # drained: the group stays in step
+    assert stats.receivers_verified is (None if broadcast_world[0].lane == "gloo" else False)
     # the next correct sync is accepted again
     _, stats, got = _sync(broadcast_world, model, 3, ["ok", "ok"])
-    assert all(r["error"] is None and r["ready"] and r["checksum"] == stats.checksum for r in got)
+    assert all(r["error"] is None and r["ready"] and r["checksum"] == model_checksum(model) for r in got)
+
+
+def test_shared_lane_alternates_slots_and_rejects_a_changed_slot(broadcast_world):
+    group = broadcast_world[0]
+    if group.lane != "shared":
+        pytest.skip("shared-lane behaviour")
+    a, b = tiny_model(seed=2), tiny_model(seed=3)
+    _sync(broadcast_world, a, 4, ["ok", "ok"])
+    _, _, got = _sync(broadcast_world, b, 5, ["ok", "ok"])          # slot 1 now, slot 0 still holds a
+    assert all(r["checksum"] == model_checksum(b) for r in got)
+    first_a = trainable_named_parameters(a)[0][1].detach().reshape(-1).view(torch.uint8)
+    assert torch.equal(group.shared.slot(0)[:first_a.numel()], first_a)
+    _, stats, (tampered, other) = _sync(broadcast_world, a, 6, ["tamper", "ok"])
+    assert "differ from the sender's digests" in tampered["error"] and not tampered["ready"]
+    assert stats.receivers_verified is False                       # the sender hears of it
+    # (the other receiver reads the same bytes; whether it hashed them before or after the flip is a race)
+    _, stats, got = _sync(broadcast_world, b, 7, ["ok", "ok"])     # a clean sync is accepted again
+    assert stats.receivers_verified and all(r["ready"] and r["checksum"] == model_checksum(b) for r in got)

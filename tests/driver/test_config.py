@@ -34,6 +34,7 @@ def test_dotlist_overrides_and_config_file(tmp_path):
     ("pools.learner.placement=PACKED", ["pools.learner.placement", "STRICT_SPREAD"]),
     ("pools.learner.num_cpus=0", ["pools.learner.num_cpus", "bundle"]),
     ("pools.learner.max_reuse_distance=-2", ["pools.learner.max_reuse_distance", ">= -1"]),
+    ("pools.learner.weight_lane=nccl", ["pools.learner.weight_lane", "gloo"]),
     ("steps", ["key=value"]),
 ])
 def test_bad_values_name_the_key(override, names):
