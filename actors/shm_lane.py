@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from actors.weights_hash import WeightsHash, to_int64
+
 ALIGN = 64
 DEFAULT_CHUNK_BYTES = 4 << 20
 SHM_DIR = "/dev/shm"
@@ -134,8 +136,6 @@ def open_lane(store, pg, rank: int, sizes: Sequence[int], *, chunk_bytes: int = 
     buffer = torch.from_file(path, shared=True, size=total, dtype=torch.uint8)
     if rank == 0:
         buffer.fill_(0)                         # allocate the pages now, not inside the first syncs
-    if rank == 0:
-        buffer.fill_(0)                         # allocate the pages now, not inside the first syncs
     _allreduce_min(pg, 1)                       # every rank has mapped it
     if rank == 0:
         os.unlink(path)                         # the mappings stay; the name goes
@@ -144,8 +144,8 @@ def open_lane(store, pg, rank: int, sizes: Sequence[int], *, chunk_bytes: int = 
 
 # --------------------------------------------------------------------------- one sync
 
-def send_shared(group, slots: SharedSlots, buckets: Iterator[list[Tensor]], manifest, sizes: Sequence[int],
-                hash_factory) -> tuple[int, bool, float]:
+def send_shared(group, slots: SharedSlots, buckets: Iterator[list[Tensor]], manifest, sizes: Sequence[int]
+                ) -> tuple[int, bool, float]:
     """Write `buckets` (full tensors in manifest order, `sizes` bytes each) into slot version % 2, hash
     it chunk by chunk and broadcast the digests. Returns (slot digest, every receiver verified, seconds).
     The slot digest is xxh3-64 over the chunk digests in order."""
@@ -162,30 +162,26 @@ def send_shared(group, slots: SharedSlots, buckets: Iterator[list[Tensor]], mani
             index += 1
     if index != len(layout.sizes):
         raise RuntimeError(f"wrote {index} tensors, the plan has {len(layout.sizes)}")
-    chunk_digests = torch.tensor([_signed(hash_factory().update(slot[a:b]).digest())
+    chunk_digests = torch.tensor([to_int64(WeightsHash().update(slot[a:b]).digest())
                                   for a, b in map(layout.chunk, range(layout.n_chunks))], dtype=torch.int64)
     group.broadcast(torch.tensor([MAGIC, manifest.version, manifest.digest(), s, layout.n_chunks],
                                  dtype=torch.int64))
     group.broadcast(chunk_digests)
     verified = _allreduce_min(group.pg, 1) == 1
     group.collectives += 1
-    return hash_factory().update(chunk_digests).digest(), verified, time.perf_counter() - t0
+    return WeightsHash().update(chunk_digests).digest(), verified, time.perf_counter() - t0
 
 
 def receive_shared(group, slots: SharedSlots, params: Sequence[nn.Parameter], manifest, sizes: Sequence[int],
-                   problem: str | None, hash_factory) -> tuple[int, int, str | None]:
-    """The receiving side of `send_shared`: hash every chunk of the slot against the sender's digests,
-    then point `params` at the slot (no copy). The closing all_reduce(MIN) of the verdicts tells the
-    sender whether every receiver accepted. Returns (version, slot digest, problem or None)."""
-    layout = slots.layout
-    header = torch.zeros(5, dtype=torch.int64)
-    group.broadcast(header)
-    magic, version, digest, s, n_chunks = (int(x) for x in header)
-    if magic != MAGIC:
-        raise RuntimeError(f"bad shared-lane header magic {magic:#x}: the group is out of step")
-    if problem is None and version != manifest.version:
-        problem = f"sender has version {version}, this receiver expected {manifest.version}"
-    if problem is None and (digest != manifest.digest() or layout.sizes != tuple(sizes)
+                   problem: str | None, *, sent_plan: int, slot_index: int, n_chunks: int
+                   ) -> tuple[int, str | None]:
+    """The receiving side of `send_shared`, after its header (read by the caller: the sender's plan
+    digest, slot and chunk count; `problem` holds what the caller already found wrong). Hashes every
+    chunk of the slot against the sender's digests, then points `params` at the slot (no copy). The
+    closing all_reduce(MIN) of the verdicts tells the sender whether every receiver accepted.
+    Returns (slot digest, problem or None)."""
+    layout, s = slots.layout, slot_index
+    if problem is None and (sent_plan != manifest.digest() or layout.sizes != tuple(sizes)
                             or n_chunks != layout.n_chunks):
         problem = "sender's bucket plan differs from the receiver's (digest/layout)"
     chunk_digests = torch.zeros(n_chunks, dtype=torch.int64)
@@ -194,9 +190,9 @@ def receive_shared(group, slots: SharedSlots, params: Sequence[nn.Parameter], ma
     if problem is None:
         for i in range(n_chunks):
             a, b = layout.chunk(i)
-            if _signed(hash_factory().update(slot[a:b]).digest()) != int(chunk_digests[i]):
+            if to_int64(WeightsHash().update(slot[a:b]).digest()) != int(chunk_digests[i]):
                 bad.append(i)
-    slot_digest = hash_factory().update(chunk_digests).digest()
+    slot_digest = WeightsHash().update(chunk_digests).digest()
     if problem is None and bad:
         problem = f"chunks {bad[:5]} of the shared slot differ from the sender's digests"
     if problem is None and manifest.checksum is not None and manifest.checksum != slot_digest:
@@ -207,8 +203,4 @@ def receive_shared(group, slots: SharedSlots, params: Sequence[nn.Parameter], ma
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.data = slots.tensor_view(s, i, p.dtype, p.shape)
-    return version, slot_digest, problem
-
-
-def _signed(u: int) -> int:
-    return u - (1 << 64) if u >= 1 << 63 else u
+    return slot_digest, problem

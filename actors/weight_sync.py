@@ -38,10 +38,10 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-import xxhash
 from torch import Tensor, nn
 
 from actors import shm_lane
+from actors.weights_hash import WeightsHash, from_int64, to_int64
 
 DEFAULT_BUCKET_BYTES = 32 << 20
 _MAGIC = 0x57534E43  # "WSNC"
@@ -126,36 +126,6 @@ def build_manifest(named: Sequence[tuple[str, Tensor]], *, version: int,
 
 
 # --------------------------------------------------------------------------- checksum
-
-def _bytes_of(t: Tensor) -> Tensor:
-    """The raw bytes of a tensor as a flat CPU uint8 tensor (a view when already CPU-contiguous)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-
-
-class WeightsHash:
-    """xxh3-64 over raw bytes, streamed: the digest does not depend on how the bytes are split into
-    tensors or buckets, only on the bytes and their order."""
-
-    def __init__(self) -> None:
-        self._h = xxhash.xxh3_64()
-
-    def update(self, data: Tensor) -> "WeightsHash":
-        self._h.update(_bytes_of(data).numpy())
-        return self
-
-    def digest(self) -> int:
-        """Unsigned 64-bit."""
-        return self._h.intdigest()
-
-
-def _to_int64(u: int) -> int:
-    """An unsigned 64-bit digest as the int64 that carries it on the wire (and back: _from_int64)."""
-    return u - (1 << 64) if u >= 1 << 63 else u
-
-
-def _from_int64(s: int) -> int:
-    return s & ((1 << 64) - 1)
-
 
 def weights_checksum(tensors: Iterator[Tensor] | Sequence[Tensor]) -> int:
     """xxh3-64 over the raw bytes of `tensors` in order (full tensors, not ZeRO partitions)."""
@@ -302,7 +272,7 @@ def send_weights(group: BroadcastGroup | None, buckets: Iterator[list[Tensor]],
     first = group.collectives
     if group.shared is not None:
         digest, verified, seconds = shm_lane.send_shared(group, group.shared, buckets, manifest,
-                                                         manifest_sizes(manifest), WeightsHash)
+                                                         manifest_sizes(manifest))
         return SyncStats(version=manifest.version, bytes=manifest.total_bytes, buckets=0,
                          collectives=group.collectives - first, seconds=seconds, checksum=digest,
                          receivers_verified=verified)
@@ -332,7 +302,7 @@ def send_weights(group: BroadcastGroup | None, buckets: Iterator[list[Tensor]],
             work.wait()
     if sent != len(manifest.buckets):
         raise WeightSyncError(f"sent {sent} buckets, the manifest has {len(manifest.buckets)}")
-    group.broadcast(torch.tensor([_to_int64(h.digest())], dtype=torch.int64))
+    group.broadcast(torch.tensor([to_int64(h.digest())], dtype=torch.int64))
     return SyncStats(version=manifest.version, bytes=manifest.total_bytes, buckets=sent,
                      collectives=group.collectives - first, seconds=time.perf_counter() - t0, checksum=h.digest())
 
@@ -377,20 +347,22 @@ def _receive_into(group: BroadcastGroup, named: Sequence[tuple[str, nn.Parameter
                   manifest: WeightManifest) -> SyncStats:
     t0, first = time.perf_counter(), group.collectives
     problem = _plan_problem(manifest, named)
-    if group.shared is not None:
-        version, digest, problem = shm_lane.receive_shared(
-            group, group.shared, [p for _, p in named], manifest, manifest_sizes(manifest), problem, WeightsHash)
+    header = torch.zeros(5, dtype=torch.int64)   # both lanes: [magic, version, plan digest, a, b]
+    group.broadcast(header)
+    magic, version, digest, n_buckets, total = (int(x) for x in header)
+    if magic != (_MAGIC if group.shared is None else shm_lane.MAGIC):
+        raise WeightSyncError(f"bad header magic {magic:#x} on the {group.lane} lane: the group is out of step")
+    if problem is None and version != manifest.version:
+        problem = f"sender has version {version}, this receiver expected {manifest.version}"
+    if group.shared is not None:   # a, b = slot, chunks
+        slot_digest, problem = shm_lane.receive_shared(
+            group, group.shared, [p for _, p in named], manifest, manifest_sizes(manifest), problem,
+            sent_plan=digest, slot_index=n_buckets, n_chunks=total)
         if problem is not None:
             raise WeightSyncError(f"weight sync to version {manifest.version} rejected: {problem}")
         return SyncStats(version=version, bytes=manifest.total_bytes, buckets=0,
-                         collectives=group.collectives - first, seconds=time.perf_counter() - t0, checksum=digest)
-    header = torch.zeros(5, dtype=torch.int64)
-    group.broadcast(header)
-    magic, version, digest, n_buckets, total = (int(x) for x in header)
-    if magic != _MAGIC:
-        raise WeightSyncError(f"bad header magic {magic:#x}: the group is out of step")
-    if problem is None and version != manifest.version:
-        problem = f"sender has version {version}, this receiver expected {manifest.version}"
+                         collectives=group.collectives - first, seconds=time.perf_counter() - t0,
+                         checksum=slot_digest)
     if problem is None and (digest, n_buckets, total) != (manifest.digest(), len(manifest.buckets),
                                                           manifest.total_bytes):
         problem = "sender's bucket plan differs from the receiver's (digest/buckets/bytes)"
@@ -411,7 +383,7 @@ def _receive_into(group: BroadcastGroup, named: Sequence[tuple[str, nn.Parameter
             in_flight[i % len(slots)] = post(i + len(slots))
     trailer = torch.zeros(1, dtype=torch.int64)
     group.broadcast(trailer)
-    sent, got = _from_int64(int(trailer[0])), h.digest()
+    sent, got = from_int64(int(trailer[0])), h.digest()
     if problem is None and got != sent:
         problem = f"checksum of the loaded weights {got:#018x} != sender's {sent:#018x}"
     if problem is None and manifest.checksum is not None and manifest.checksum != sent:

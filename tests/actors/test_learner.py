@@ -93,25 +93,33 @@ def test_spec_validation_names_the_field():
         no_port.setup()
 
 
+def _two_learners(ray, factory, **kw):
+    Learner = ray.remote(num_cpus=0)(LearnerWorker)
+    learners = [Learner.remote(LearnerSpec(rank=r, world_size=2, model_factory=factory, persistence_threshold=0,
+                                           bucket_bytes=BUCKET, seed=0, **HYPER, **kw)) for r in range(2)]
+    addr, port = ray.get(learners[0].rendezvous.remote(), timeout=TIMEOUT)   # rank 0's node, a free port there
+    assert addr == "127.0.0.1"                                                 # the local test cluster's node IP
+    return learners, [lr.setup.remote(addr, port) for lr in learners]
+
+
+def _close(ray, learners):
+    ray.get([lr.shutdown.remote() for lr in learners], timeout=60)
+    for lr in learners:
+        ray.kill(lr)
+
+
 @pytest.fixture(scope="module")
 def stepped(ray_cluster):
     """Two learner actors after one train_step on their halves; yields (learners, results, shards)."""
     import ray
 
-    Learner = ray.remote(num_cpus=0)(LearnerWorker)
-    specs = [LearnerSpec(rank=r, world_size=2, model_factory=functools.partial(tiny_model, seed=0),
-                         persistence_threshold=0, bucket_bytes=BUCKET, seed=0, **HYPER) for r in range(2)]
-    learners = [Learner.remote(s) for s in specs]
-    addr, port = ray.get(learners[0].rendezvous.remote(), timeout=TIMEOUT)   # rank 0's node, a free port there
-    assert addr == "127.0.0.1"                                                 # the local test cluster's node IP
-    infos = ray.get([lr.setup.remote(addr, port) for lr in learners], timeout=TIMEOUT)
+    learners, setups = _two_learners(ray, functools.partial(tiny_model, seed=0))
+    infos = ray.get(setups, timeout=TIMEOUT)
     shards = halves()
     results = ray.get([lr.train_step.remote(grpo_loss_fn, shard) for lr, shard in zip(learners, shards)],
                       timeout=TIMEOUT)
     yield learners, infos, results, shards
-    ray.get([lr.shutdown.remote() for lr in learners], timeout=60)
-    for lr in learners:
-        ray.kill(lr)
+    _close(ray, learners)
 
 
 @pytest.mark.ray
@@ -175,20 +183,6 @@ def test_broadcast_after_step_reaches_a_receiver_with_the_learners_checksum(step
     state = ray.get([lr.state_dict_for_eval.remote() for lr in learners], timeout=TIMEOUT)[0]
     assert all(torch.equal(weights[n], state[n]) for n in manifest.names)
     ray.kill(receiver)
-
-
-def _two_learners(ray, factory, **kw):
-    Learner = ray.remote(num_cpus=0)(LearnerWorker)
-    learners = [Learner.remote(LearnerSpec(rank=r, world_size=2, model_factory=factory, persistence_threshold=0,
-                                           bucket_bytes=BUCKET, seed=0, **HYPER, **kw)) for r in range(2)]
-    addr, port = ray.get(learners[0].rendezvous.remote(), timeout=TIMEOUT)
-    return learners, [lr.setup.remote(addr, port) for lr in learners]
-
-
-def _close(ray, learners):
-    ray.get([lr.shutdown.remote() for lr in learners], timeout=60)
-    for lr in learners:
-        ray.kill(lr)
 
 
 @pytest.mark.ray

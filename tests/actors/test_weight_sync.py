@@ -84,16 +84,16 @@ def test_checksum_is_xxh3_of_the_concatenated_bytes_and_survives_the_int64_wire(
     import numpy as np
     import xxhash
 
-    from actors.weight_sync import _from_int64, _to_int64
+    from actors.weights_hash import from_int64, to_int64
 
     tensors = [torch.randn(5), torch.arange(7, dtype=torch.int16), torch.randn(2, 3).to(torch.bfloat16)]
     raw = b"".join(t.contiguous().view(torch.uint8).numpy().tobytes() for t in tensors)
     assert weights_checksum(tensors) == xxhash.xxh3_64_intdigest(raw)
     assert weights_checksum([]) == xxhash.xxh3_64_intdigest(b"")
     for u in (0, 1, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, weights_checksum(tensors)):
-        wire = torch.tensor([_to_int64(u)], dtype=torch.int64)          # what the trailer carries
-        assert _from_int64(int(wire[0])) == u
-    assert np.iinfo(np.int64).min <= _to_int64((1 << 64) - 1) < 0
+        wire = torch.tensor([to_int64(u)], dtype=torch.int64)          # what the trailer carries
+        assert from_int64(int(wire[0])) == u
+    assert np.iinfo(np.int64).min <= to_int64((1 << 64) - 1) < 0
 
 
 def test_checksum_is_order_sensitive_and_bucketing_free():
