@@ -18,7 +18,8 @@ Instead:
                  next sync overwrites
 
 Receivers share the slot's memory, so they must treat the weights as read-only (rollout and refine
-actors only sample). A receiver that refuses a sync keeps taking part in every collective, like on the
+actors only sample); a replica whose parameters live on an accelerator copies the verified slot into
+them instead (not exercised here: no GPU). A receiver that refuses a sync keeps taking part in every collective, like on the
 gloo lane, and holds no version until the next verified sync.
 
 The lane is chosen when the group is formed (`open_lane`): every rank reports whether it shares rank
@@ -202,5 +203,9 @@ def receive_shared(group, slots: SharedSlots, params: Sequence[nn.Parameter], ma
     if problem is None:
         with torch.no_grad():
             for i, p in enumerate(params):
-                p.data = slots.tensor_view(s, i, p.dtype, p.shape)
+                view = slots.tensor_view(s, i, p.dtype, p.shape)
+                if p.device.type == "cpu":
+                    p.data = view          # no copy: the parameter lives in the slot
+                else:
+                    p.data.copy_(view)     # an accelerator replica keeps its own memory (one H2D copy)
     return slot_digest, problem
