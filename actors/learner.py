@@ -38,7 +38,6 @@ import torch
 from torch import Tensor, nn
 
 from actors.node import node_ip
-from actors.zero_build import build_partitioned, builds_partitioned
 from actors.weight_sync import (
     DEFAULT_BUCKET_BYTES,
     BroadcastGroup,
@@ -51,6 +50,7 @@ from actors.weight_sync import (
     send_weights,
     trainable_named_parameters,
 )
+from actors.zero_build import build_partitioned, builds_partitioned
 
 LossFn = Callable[[nn.Module, Any], tuple[Tensor, dict]]
 

@@ -65,11 +65,11 @@ def full_shape(p: Tensor) -> tuple[int, ...]:
 
 def manifest_sizes(manifest: "WeightManifest") -> tuple[int, ...]:
     """Bytes of each tensor of a plan."""
-    return tuple(_nbytes(shape, getattr(torch, dtype.removeprefix("torch.")))
+    return tuple(nbytes_of(shape, getattr(torch, dtype.removeprefix("torch.")))
                  for shape, dtype in zip(manifest.shapes, manifest.dtypes))
 
 
-def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+def nbytes_of(shape: Sequence[int], dtype: torch.dtype) -> int:
     n = 1
     for s in shape:
         n *= int(s)
@@ -119,7 +119,7 @@ def build_manifest(named: Sequence[tuple[str, Tensor]], *, version: int,
     names = tuple(n for n, _ in named)
     shapes = tuple(full_shape(p) for _, p in named)
     dtypes = tuple(str(p.dtype) for _, p in named)
-    sizes = [_nbytes(s, p.dtype) for s, (_, p) in zip(shapes, named)]
+    sizes = [nbytes_of(s, p.dtype) for s, (_, p) in zip(shapes, named)]
     buckets = tuple(plan_buckets(sizes, bucket_bytes))
     return WeightManifest(version=version, names=names, shapes=shapes, dtypes=dtypes, buckets=buckets,
                           bucket_sizes=tuple(sum(sizes[a:b]) for a, b in buckets), total_bytes=sum(sizes))
@@ -211,7 +211,7 @@ class BroadcastGroup:
         """Choose how syncs travel (a collective: every rank calls it once, with its trainable named
         parameters): "shared" when every rank is on rank 0's node and /dev/shm has room
         (actors.shm_lane), else "gloo". `allow_shared=False` on any rank forces gloo."""
-        sizes = [_nbytes(full_shape(p), p.dtype) for _, p in named]
+        sizes = [nbytes_of(full_shape(p), p.dtype) for _, p in named]
         self.shared = shm_lane.open_lane(self.store, self.pg, self.rank, sizes, chunk_bytes=chunk_bytes,
                                          wanted=allow_shared)
         self.collectives += 1 if self.shared is None else 2

@@ -23,19 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from actors.weight_sync import full_shape, gathered, plan_buckets
+from actors.weight_sync import full_shape, gathered, nbytes_of, plan_buckets
 
 
 def builds_partitioned(factory: Any) -> bool:
     """Whether `factory` can build the model partitioned (has skeleton/weights/finish)."""
     return all(callable(getattr(factory, name, None)) for name in ("skeleton", "weights", "finish"))
-
-
-def _nbytes(p: nn.Parameter) -> int:
-    n = 1
-    for s in full_shape(p):
-        n *= int(s)
-    return n * p.element_size()
 
 
 def load_weights(model: nn.Module, weights: Any, *, rank: int, bucket_bytes: int) -> int:
@@ -46,7 +39,7 @@ def load_weights(model: nn.Module, weights: Any, *, rank: int, bucket_bytes: int
     number of buckets."""
     named = list(model.named_parameters())
     weights.check({n: full_shape(p) for n, p in named})
-    buckets = plan_buckets([_nbytes(p) for _, p in named], bucket_bytes)
+    buckets = plan_buckets([nbytes_of(full_shape(p), p.dtype) for _, p in named], bucket_bytes)
     for start, end in buckets:
         chunk = named[start:end]
         partitioned = any(hasattr(p, "ds_id") for _, p in chunk)
