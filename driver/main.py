@@ -47,8 +47,12 @@ def run(cfg: Config) -> dict:
         try:
             result = pipe.run(log=log)
             learner_sum, actor_sums = pipe.checksums()
-            print(f"weights: learner checksum {learner_sum:#018x}, replicas (rollout, refine) "
-                  f"{', '.join(f'{c:#018x}' for c in actor_sums)}", flush=True)
+            n_rollout = cfg.pools.rollout.num
+            same = all(c == learner_sum for c in actor_sums)
+            print(f"weights: learner checksum {learner_sum:#018x}; {n_rollout} rollout and "
+                  f"{len(actor_sums) - n_rollout} refine replicas "
+                  + ("all equal to it" if same else "DIFFER: " + ", ".join(f"{c:#018x}" for c in actor_sums)),
+                  flush=True)
         finally:
             pipe.shutdown()
     summary = {"mode": cfg.trainer.mode, "steps": len(result.steps), "trajectories": result.trajectories,
