@@ -251,3 +251,57 @@ def test_shared_lane_alternates_slots_and_rejects_a_changed_slot(broadcast_world
     # (the other receiver reads the same bytes; whether it hashed them before or after the flip is a race)
     _, stats, got = _sync(broadcast_world, b, 7, ["ok", "ok"])     # a clean sync is accepted again
     assert stats.receivers_verified and all(r["ready"] and r["checksum"] == model_checksum(b) for r in got)
+
+
+def _lora_model(seed: int):
+    from umm.lora import LoRAConfig, apply_lora
+    model = tiny_model(seed=0)                       # the same frozen base everywhere
+    torch.manual_seed(seed)
+    apply_lora(model, LoRAConfig(rank=2, alpha=4))
+    with torch.no_grad():                            # B is zero-initialised: make the adapters differ
+        for _, p in trainable_named_parameters(model):
+            p.copy_(torch.randn_like(p))
+    return model
+
+
+def _pair_receiver(port: int, allow_shared: bool, results) -> None:
+    """One receiver with a LoRA policy: reports the lane, then one sync's outcome."""
+    torch.set_num_threads(1)
+    model = _lora_model(seed=5)
+    receiver = WeightReceiver(model, bucket_bytes=SMALL_BUCKET)
+    group = BroadcastGroup(host="127.0.0.1", port=port, rank=1, world_size=2, timeout_s=600)
+    lane = group.open_lane(trainable_named_parameters(model), allow_shared=allow_shared, chunk_bytes=CHUNK)
+    stats = receiver.receive(group, receiver.expected_manifest(1))
+    params = trainable_named_parameters(model)
+    in_slot = group.shared is not None and all(
+        p.untyped_storage().data_ptr() == group.shared.buffer.untyped_storage().data_ptr() for _, p in params)
+    results.put({"lane": lane, "checksum": stats.checksum, "model_checksum": model_checksum(model),
+                 "in_slot": in_slot, "weights": {n: p.detach().clone().numpy() for n, p in params}})
+    group.close()
+
+
+@pytest.mark.parametrize("receiver_allows, lane", [(True, "shared"), (False, "gloo")])
+def test_lora_adapters_sync_and_one_refusing_rank_forces_gloo_for_all(receiver_allows, lane):
+    """The lane is agreed by all ranks (the sender allows the shared lane here; the receiver decides),
+    and LoRA replicas receive only their adapters on either lane."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.actors.test_weight_sync"])
+    port, results = free_port(), ctx.Queue()
+    proc = ctx.Process(target=_pair_receiver, args=(port, receiver_allows, results), daemon=True)
+    proc.start()
+    model = _lora_model(seed=6)
+    group = BroadcastGroup(host="127.0.0.1", port=port, rank=0, world_size=2, timeout_s=600)
+    try:
+        named = trainable_named_parameters(model)
+        assert all(".lora_" in n for n, _ in named)
+        assert group.open_lane(named, allow_shared=True, chunk_bytes=CHUNK) == lane
+        manifest = build_manifest(named, version=1, bucket_bytes=SMALL_BUCKET)
+        sent = send_weights(group, gathered_buckets([p for _, p in named], manifest), manifest)
+        got = results.get(timeout=600)
+    finally:
+        group.close()
+        proc.join(timeout=30)
+    assert got["lane"] == lane and got["checksum"] == sent.checksum
+    assert got["model_checksum"] == model_checksum(model) and got["in_slot"] == (lane == "shared")
+    for n, p in named:
+        assert torch.equal(torch.from_numpy(got["weights"][n]), p.detach()), n
