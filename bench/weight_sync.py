@@ -132,8 +132,12 @@ def main() -> None:
     ap.add_argument("--lane", choices=("auto", "gloo"), default="auto",
                     help="auto: the shared-memory lane when every receiver is on this node (as here)")
     a = ap.parse_args()
-    print(json.dumps(measure_sync(total_bytes=a.mb << 20, n_receivers=a.receivers, bucket_bytes=a.bucket_mb << 20,
-                                  repeats=a.repeats, lane=a.lane), indent=2))
+    r = measure_sync(total_bytes=a.mb << 20, n_receivers=a.receivers, bucket_bytes=a.bucket_mb << 20,
+                     repeats=a.repeats, lane=a.lane)
+    print(json.dumps(r, indent=2))
+    print(json.dumps({"bench": "P2 weight-sync time / (bytes / memcpy bandwidth)", "lane": r["lane"],
+                      "bytes": r["bytes"], "receivers": r["receivers"], "sync_ms": round(r["sync_s"] * 1e3, 1),
+                      "ideal_ms": round(r["ideal_s"] * 1e3, 1), "ratio": round(r["ratio"], 2), "goal": 1.5}))
 
 
 if __name__ == "__main__":
