@@ -24,6 +24,10 @@ order: exact, the same on every process and device, ~18 GB/s on one core here (z
 before, ran at ~3.7 GB/s: 2.5x the time of copying the bytes). Bytes are packed without padding, so
 the sender hashes each bucket buffer; a receiver hashes its parameters after loading them.
 
+That is the gloo lane. When every receiver is on learner rank 0's node, `BroadcastGroup.open_lane`
+picks the shared lane instead (actors/shm_lane.py): the same plan, header, version and plan checks,
+but the bytes cross a shared-memory file once and only digests travel on the group.
+
 No Ray here; DeepSpeed is imported lazily and only when a parameter is ZeRO-partitioned.
 """
 from __future__ import annotations
