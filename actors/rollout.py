@@ -48,9 +48,9 @@ class RolloutWorker:
         if self.receiver is not None and not self.receiver.ready_for(version):
             raise StaleWeightsError(f"{name}: weights for v{version} did not pass their checksum; refusing to sample")
 
-    def evaluate(self, image_indices: list[int]) -> list[tuple[str, bool]]:
-        """This actor's share of the held-out evaluation: (category, verdict) per image drawn."""
-        return heldout_verdicts(self.model, self.tok, self.cfg.eval, image_indices=image_indices)
+    def evaluate(self, shard: tuple[int, int]) -> list[tuple[str, bool]]:
+        """This actor's share (`shard` = (j, n)) of the held-out evaluation: (category, verdict) per image."""
+        return heldout_verdicts(self.model, self.tok, self.cfg.eval, shard=tuple(shard))
 
     # -- weights ----------------------------------------------------------------------------------
     def join_weight_group(self, host: str, port: int, world_size: int, rank: int, allow_shared: bool = True) -> str:

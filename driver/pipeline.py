@@ -305,12 +305,11 @@ class Pipeline:
                                    "sync": max(x.seconds for x in sent)})
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy, the images per prompt dealt out over the rollout actors (each image index
-        has fixed seeds, so the pooled verdicts equal one process drawing them all)."""
+        """Held-out accuracy, its batches dealt out over the rollout actors (each batch has fixed seeds,
+        so the pooled verdicts equal one process drawing them all)."""
         from shapes.evaluate import accuracy
-        n = min(len(self.slots), self.cfg.eval.images_per_prompt)
-        shares = [list(range(j, self.cfg.eval.images_per_prompt, n)) for j in range(n)]
-        parts = self.ray.get([slot.actor.evaluate.remote(share) for slot, share in zip(self.slots, shares)])
+        n = len(self.slots)
+        parts = self.ray.get([slot.actor.evaluate.remote((j, n)) for j, slot in enumerate(self.slots)])
         return accuracy(v for part in parts for v in part)
 
     def checksums(self) -> tuple[int, list[int]]:

@@ -12,7 +12,6 @@ Records that cross actor boundaries:
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -297,11 +296,12 @@ class LocalReward:
         return [r.reward for r in self.verifier.score(requests)]
 
 
-def heldout_verdicts(model: UnifiedModel, tok, ev: EvalConfig, *, image_indices: Sequence[int] | None = None,
+def heldout_verdicts(model: UnifiedModel, tok, ev: EvalConfig, *, shard: tuple[int, int] = (0, 1),
                      progress: bool = False) -> list[tuple[str, bool]]:
     """(category, strict verdict) for the first `ev.prompts_per_category` prompts of each held-out
-    shapes-geneval category, images `image_indices` of `ev.images_per_prompt` (default all). Seeds are
-    fixed per image index: before/after are paired, and shards drawn by different workers pool exactly."""
+    shapes-geneval category, `ev.images_per_prompt` images each; `shard=(j, n)`: this worker's share of
+    the batches. Seeds are fixed per batch: before/after are paired, and shards drawn by different
+    workers pool exactly."""
     from collections import defaultdict
 
     from shapes.benchmark import benchmark_prompts
@@ -315,7 +315,7 @@ def heldout_verdicts(model: UnifiedModel, tok, ev: EvalConfig, *, image_indices:
     model.eval()
     _, samples = evaluate(model, tok, prompts, cfg=DrawConfig(num_steps=ev.num_steps, text_scale=ev.cfg_text_scale,
                                                              think=ev.think),
-                          images_per_prompt=ev.images_per_prompt, image_indices=image_indices, progress=progress)
+                          images_per_prompt=ev.images_per_prompt, shard=shard, progress=progress)
     model.train(was_training)
     return [(p.family, ok) for p, _, ok, _ in samples]
 

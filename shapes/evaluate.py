@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,27 +117,27 @@ def accuracy(verdicts: Iterable[tuple[str, bool]]) -> dict[str, float]:
 
 
 def evaluate(model: UnifiedModel, tok, prompts: list[Prompt], *, cfg: DrawConfig, images_per_prompt: int = 1,
-             image_indices: Sequence[int] | None = None, progress: bool = True
+             shard: tuple[int, int] = (0, 1), progress: bool = True
              ) -> tuple[dict[str, float], list[tuple[Prompt, PILImage.Image, bool, str]]]:
     """Strict accuracy per category (and overall mean over categories) + every judged sample.
 
-    Image k of every prompt is drawn with the same seeds whoever draws it: `image_indices` (a subset of
-    range(images_per_prompt)) lets several workers share one evaluation and pool their verdicts."""
-    indices = range(images_per_prompt) if image_indices is None else image_indices
-    if any(not 0 <= k < images_per_prompt for k in indices):
-        raise ValueError(f"image_indices {list(indices)} outside range({images_per_prompt})")
-    samples = []
+    The work is a fixed list of batches (image k of a batch of prompts), each drawn with its own seeds
+    whoever draws it: `shard=(j, n)` draws batches j, j + n, ..., so n workers share one evaluation
+    and their pooled verdicts equal one process drawing everything."""
+    j, n = shard
+    if not 0 <= j < n:
+        raise ValueError(f"shard {shard}: need 0 <= index < count")
     # edits and non-edits are drawn in separate batches (different contexts and guidance)
     groups = [[p for p in prompts if p.family == "edit"], [p for p in prompts if p.family != "edit"]]
-    bar = tqdm(total=len(prompts) * len(indices), desc="evaluate", disable=not progress)
-    for k in indices:
-        for group in groups:
-            for i in range(0, len(group), cfg.batch_size):
-                chunk = group[i:i + cfg.batch_size]
-                imgs, plans = draw(model, tok, chunk, cfg=cfg, seed=1000 * k + i)
-                for p, img, plan in zip(chunk, imgs, plans):
-                    samples.append((p, img, judge(img, p.meaning).correct, plan))
-                bar.update(len(chunk))
+    batches = [(k, group[i:i + cfg.batch_size], 1000 * k + i) for k in range(images_per_prompt)
+               for group in groups for i in range(0, len(group), cfg.batch_size)][j::n]
+    samples = []
+    bar = tqdm(total=sum(len(chunk) for _, chunk, _ in batches), desc="evaluate", disable=not progress)
+    for _, chunk, seed in batches:
+        imgs, plans = draw(model, tok, chunk, cfg=cfg, seed=seed)
+        for p, img, plan in zip(chunk, imgs, plans):
+            samples.append((p, img, judge(img, p.meaning).correct, plan))
+        bar.update(len(chunk))
     bar.close()
     return accuracy((p.family, ok) for p, _, ok, _ in samples), samples
 

@@ -46,8 +46,9 @@ def test_evaluation_shards_pool_to_the_whole_evaluation():
                for p in [q for q in benchmark_prompts() if q.family == c][:2]]
     cfg = DrawConfig(num_steps=4, text_scale=2.0)
     whole_acc, whole = evaluate(model, tok, prompts, cfg=cfg, images_per_prompt=3, progress=False)
-    parts = [evaluate(model, tok, prompts, cfg=cfg, images_per_prompt=3, image_indices=ix, progress=False)[1]
-             for ix in ([0, 2], [1])]
+    parts = [evaluate(model, tok, prompts, cfg=cfg, images_per_prompt=3, shard=(j, 2), progress=False)[1]
+             for j in range(2)]
+    assert all(parts) and sum(map(len, parts)) == len(whole) == 18      # 6 batches (edits apart), 3 + 3
     key = lambda s: (s[0].id, np.asarray(s[1]).tobytes())
     assert sorted(map(key, whole)) == sorted(key(s) for part in parts for s in part)
     pooled = accuracy((s[0].family, s[2]) for part in parts for s in part)
@@ -59,5 +60,5 @@ def test_evaluation_shards_pool_to_the_whole_evaluation():
         by_hand[fam] = sum(oks) / len(oks)
     assert {k: v for k, v in whole_acc.items() if k != "geneval_mean"} == pytest.approx(by_hand)
     assert whole_acc["geneval_mean"] == pytest.approx((by_hand["single_object"] + by_hand["colors"]) / 2)
-    with pytest.raises(ValueError, match="outside range"):
-        evaluate(model, tok, prompts, cfg=cfg, images_per_prompt=2, image_indices=[2], progress=False)
+    with pytest.raises(ValueError, match="shard"):
+        evaluate(model, tok, prompts, cfg=cfg, images_per_prompt=2, shard=(2, 2), progress=False)
