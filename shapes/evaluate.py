@@ -129,11 +129,11 @@ def evaluate(model: UnifiedModel, tok, prompts: list[Prompt], *, cfg: DrawConfig
         raise ValueError(f"shard {shard}: need 0 <= index < count")
     # edits and non-edits are drawn in separate batches (different contexts and guidance)
     groups = [[p for p in prompts if p.family == "edit"], [p for p in prompts if p.family != "edit"]]
-    batches = [(k, group[i:i + cfg.batch_size], 1000 * k + i) for k in range(images_per_prompt)
+    batches = [(group[i:i + cfg.batch_size], 1000 * k + i) for k in range(images_per_prompt)
                for group in groups for i in range(0, len(group), cfg.batch_size)][j::n]
     samples = []
-    bar = tqdm(total=sum(len(chunk) for _, chunk, _ in batches), desc="evaluate", disable=not progress)
-    for _, chunk, seed in batches:
+    bar = tqdm(total=sum(len(chunk) for chunk, _ in batches), desc="evaluate", disable=not progress)
+    for chunk, seed in batches:
         imgs, plans = draw(model, tok, chunk, cfg=cfg, seed=seed)
         for p, img, plan in zip(chunk, imgs, plans):
             samples.append((p, img, judge(img, p.meaning).correct, plan))

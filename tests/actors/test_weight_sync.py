@@ -108,6 +108,12 @@ def test_checksum_is_order_sensitive_and_bucketing_free():
 CHUNK = 256 << 10   # shared lane: the tiny model's slot is a few chunks
 
 
+def _in_slot(group: BroadcastGroup, params) -> bool:
+    """Every parameter's storage is the shared lane's mapped file (no copy of its own)."""
+    return group.shared is not None and all(
+        p.untyped_storage().data_ptr() == group.shared.buffer.untyped_storage().data_ptr() for _, p in params)
+
+
 def _receiver_main(rank: int, port: int, lane: str, commands, results) -> None:
     """A receiver process: for each command (version, kind), receive one sync and report."""
     torch.set_num_threads(1)
@@ -145,11 +151,9 @@ def _receiver_main(rank: int, port: int, lane: str, commands, results) -> None:
             group.broadcast = broadcast
         params = trainable_named_parameters(model)
         weights = {n: p.detach().clone().numpy() for n, p in params}
-        in_slot = group.shared is not None and all(
-            p.untyped_storage().data_ptr() == group.shared.buffer.untyped_storage().data_ptr() for _, p in params)
         results.put({"rank": rank, "error": error, "stats": stats, "collectives": group.collectives - first,
                      "ready": receiver.ready_for(version), "checksum": model_checksum(model), "weights": weights,
-                     "in_slot": in_slot})
+                     "in_slot": _in_slot(group, params)})
     group.close()
 
 
@@ -210,7 +214,7 @@ def test_broadcast_to_two_receivers_is_bitwise_and_verified(broadcast_world):
         assert stats.receivers_verified is True and group.shared.layout.n_chunks > 1
     for r in got:
         assert r["error"] is None and r["ready"]
-        assert r["stats"].checksum == stats.checksum
+        assert r["stats"].checksum == stats.checksum and r["stats"].buckets == stats.buckets
         assert r["checksum"] == model_checksum(model)
         assert r["collectives"] == stats.collectives
         assert r["in_slot"] == (group.lane == "shared")             # no copy: the parameters live in the file
@@ -273,10 +277,8 @@ def _pair_receiver(port: int, allow_shared: bool, results) -> None:
     lane = group.open_lane(trainable_named_parameters(model), allow_shared=allow_shared, chunk_bytes=CHUNK)
     stats = receiver.receive(group, receiver.expected_manifest(1))
     params = trainable_named_parameters(model)
-    in_slot = group.shared is not None and all(
-        p.untyped_storage().data_ptr() == group.shared.buffer.untyped_storage().data_ptr() for _, p in params)
     results.put({"lane": lane, "checksum": stats.checksum, "model_checksum": model_checksum(model),
-                 "in_slot": in_slot, "weights": {n: p.detach().clone().numpy() for n, p in params}})
+                 "in_slot": _in_slot(group, params), "weights": {n: p.detach().clone().numpy() for n, p in params}})
     group.close()
 
 
