@@ -21,6 +21,12 @@ class Fact:
     question: str                   # "what colour is grass?"
     answer: str                     # "green" / "three"
 
+    @property
+    def names_answer(self) -> bool:
+        """The phrase itself contains the answer word ("the colour of an orange"): fine as text QA,
+        no test of inference as an implicit prompt."""
+        return self.answer in self.phrase.split()
+
 
 def _colour(phrase: str, value: str, question: str) -> Fact:
     return Fact(kind="colour", phrase=phrase, value=value, question=question, answer=value)
@@ -75,6 +81,11 @@ COUNT_FACTS: tuple[Fact, ...] = (
 
 FACTS: tuple[Fact, ...] = COLOUR_FACTS + COUNT_FACTS
 
+# What implicit-intent prompts (training and shapes-geneval) draw from: every fact except those that
+# name their answer. All of FACTS stays in the text-only QA of pretraining.
+IMPLICIT_COLOUR_FACTS: tuple[Fact, ...] = tuple(f for f in COLOUR_FACTS if not f.names_answer)
+IMPLICIT_COUNT_FACTS: tuple[Fact, ...] = tuple(f for f in COUNT_FACTS if not f.names_answer)
+
 
 def _check_table() -> None:
     for f in COLOUR_FACTS:
@@ -86,6 +97,11 @@ def _check_table() -> None:
     phrases = [f.phrase for f in FACTS]
     if len(set(phrases)) != len(phrases):
         raise ValueError("facts table: duplicate phrases")
+    for kind, usable, values in (("colour", IMPLICIT_COLOUR_FACTS, COLOURS),
+                                 ("count", IMPLICIT_COUNT_FACTS, range(1, MAX_COUNT + 1))):
+        missing = [v for v in values if not any(f.value == v for f in usable)]
+        if missing:
+            raise ValueError(f"facts table: no implicit-prompt {kind} fact resolves to {missing}")
 
 
 _check_table()

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 
 from shapes.edits import make_edit
-from shapes.facts import COLOUR_FACTS, COUNT_FACTS
+from shapes.facts import IMPLICIT_COLOUR_FACTS, IMPLICIT_COUNT_FACTS, Fact
 from shapes.layout import sample_scene
 from shapes.meaning import Meaning, ObjectSpec, Relation, describe, noun_phrase
 from shapes.world import COLOUR_NAMES, DEFAULT_CANVAS_SIZE, MAX_COUNT, RELATION_PHRASES, RELATIONS, SHAPES, plural
@@ -80,16 +80,16 @@ def _geneval(family: str, rng: random.Random) -> tuple[str, Meaning, str]:
     raise ValueError(f"_geneval: family={family!r} is not one of {GENEVAL_FAMILIES}")
 
 
-def _implicit_color(rng: random.Random) -> tuple[str, Meaning, str]:
-    fact = rng.choice(COLOUR_FACTS)
+def _implicit_color(rng: random.Random, fact: Fact | None = None) -> tuple[str, Meaning, str]:
+    fact = fact or rng.choice(IMPLICIT_COLOUR_FACTS)
     shape = rng.choice(SHAPES)
     m = Meaning(objects=(ObjectSpec(shape=shape, colour=str(fact.value)),), fact=fact)
     text = rng.choice(TEMPLATES["implicit_color"]).format(a=noun_phrase(ObjectSpec(shape=shape)), thing=fact.phrase)
     return text, m, describe(m)
 
 
-def _implicit_count(rng: random.Random) -> tuple[str, Meaning, str]:
-    fact = rng.choice(COUNT_FACTS)
+def _implicit_count(rng: random.Random, fact: Fact | None = None) -> tuple[str, Meaning, str]:
+    fact = fact or rng.choice(IMPLICIT_COUNT_FACTS)
     shape = rng.choice(SHAPES)
     m = Meaning(objects=(ObjectSpec(shape=shape, count=int(fact.value)),), fact=fact)
     text = rng.choice(TEMPLATES["implicit_count"]).format(shapes=plural(shape), fact=fact.phrase)
@@ -111,14 +111,21 @@ def _edit(rng: random.Random, canvas_size: int) -> tuple[str, Meaning, str]:
     raise RuntimeError(f"_edit: no feasible edit found in 20 source scenes ({canvas_size}px)")
 
 
-def generate(family: str, rng: random.Random, *, canvas_size: int = DEFAULT_CANVAS_SIZE) -> Prompt:
-    """One prompt of `family`, drawn with `rng` (canvas_size matters only for edit source scenes)."""
+def generate(family: str, rng: random.Random, *, canvas_size: int = DEFAULT_CANVAS_SIZE,
+             fact: Fact | None = None) -> Prompt:
+    """One prompt of `family`, drawn with `rng` (canvas_size matters only for edit source scenes).
+    `fact` fixes the fact of an implicit-intent prompt (one of the family's usable facts)."""
+    if fact is not None:
+        usable = {"implicit_color": IMPLICIT_COLOUR_FACTS, "implicit_count": IMPLICIT_COUNT_FACTS}.get(family)
+        if usable is None or fact not in usable:
+            raise ValueError(f"generate: fact {fact.phrase!r} cannot make a {family!r} prompt"
+                             + ("" if usable is None else " (not one of its usable facts)"))
     if family in GENEVAL_FAMILIES:
         text, m, explicit = _geneval(family, rng)
     elif family == "implicit_color":
-        text, m, explicit = _implicit_color(rng)
+        text, m, explicit = _implicit_color(rng, fact)
     elif family == "implicit_count":
-        text, m, explicit = _implicit_count(rng)
+        text, m, explicit = _implicit_count(rng, fact)
     elif family == "edit":
         text, m, explicit = _edit(rng, canvas_size)
     else:

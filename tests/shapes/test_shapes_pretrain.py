@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from shapes.benchmark import CATEGORIES, PROMPTS_PER_CATEGORY, benchmark_prompts, is_held_out
+from shapes.facts import IMPLICIT_COLOUR_FACTS, IMPLICIT_COUNT_FACTS
 from shapes.judge import judge
 from shapes.pretrain import PretrainConfig, batch_loss, length_buckets, pretrain
 from shapes.pretrain_data import TASKS, ImagePart, TextPart, draw_prompt, make_example
 from shapes.scene import render
 from shapes.tokenizer import build_tokenizer, decode, normalise
+from shapes.world import COLOUR_NAMES, MAX_COUNT
 from umm.config import preset
 from umm.model import UnifiedModel
 
@@ -25,6 +27,19 @@ def test_benchmark_is_fixed_and_never_drawn_in_training():
     drawn = [draw_prompt(rng, canvas_size=32) for _ in range(3000)]
     assert not {normalise(p.text) for p in drawn} & held
     assert all(is_held_out(p.text, family=p.family) for p in bench if p.family != "edit")
+
+
+def test_benchmark_implicit_prompts_are_stratified_by_answer():
+    bench = benchmark_prompts()
+    colours = Counter(p.meaning.objects[0].colour for p in bench if p.family == "implicit_color")
+    counts = Counter(p.meaning.objects[0].count for p in bench if p.family == "implicit_count")
+    assert colours == {c: PROMPTS_PER_CATEGORY // len(COLOUR_NAMES) for c in COLOUR_NAMES}
+    assert counts == {n: PROMPTS_PER_CATEGORY // MAX_COUNT for n in range(1, MAX_COUNT + 1)}
+    for family, facts in (("implicit_color", IMPLICIT_COLOUR_FACTS), ("implicit_count", IMPLICIT_COUNT_FACTS)):
+        used = Counter(p.meaning.fact for p in bench if p.family == family)
+        for value in {f.value for f in facts}:       # an answer's facts take turns: uses differ by <= 1
+            uses = [used[f] for f in facts if f.value == value]
+            assert max(uses) - min(uses) <= 1, (family, value, uses)
 
 
 def test_pretraining_captions_are_skewed_like_real_data():

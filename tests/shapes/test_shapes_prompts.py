@@ -4,7 +4,8 @@ from collections import Counter
 
 import pytest
 
-from shapes.facts import COLOUR_FACTS, COUNT_FACTS, FACTS, colour_facts, count_facts
+from shapes.facts import (COLOUR_FACTS, COUNT_FACTS, FACTS, IMPLICIT_COLOUR_FACTS, IMPLICIT_COUNT_FACTS,
+                          colour_facts, count_facts)
 from shapes.meaning import describe
 from shapes.prompts import FAMILIES, generate
 from shapes.world import COLOUR_NAMES, MAX_COUNT, RELATION_PHRASES, number_word
@@ -38,11 +39,11 @@ def test_every_family_is_generated_with_consistent_meanings():
         else:
             assert p.family == "edit" or m.relation is None
         if p.family == "implicit_color":
-            assert m.fact in COLOUR_FACTS and m.fact.value == specs[0].colour and m.fact.phrase in p.text
-            # only "the colour of an orange" names its answer (kept: the brief lists it)
-            assert specs[0].colour not in p.text.split() or specs[0].colour in m.fact.phrase
+            assert m.fact in IMPLICIT_COLOUR_FACTS and m.fact.value == specs[0].colour and m.fact.phrase in p.text
+            assert specs[0].colour not in p.text.split()          # to be inferred, never named
         if p.family == "implicit_count":
-            assert m.fact in COUNT_FACTS and m.fact.value == specs[0].count and m.fact.phrase in p.text
+            assert m.fact in IMPLICIT_COUNT_FACTS and m.fact.value == specs[0].count and m.fact.phrase in p.text
+            assert number_word(specs[0].count) not in p.text.split()
             assert number_word(specs[0].count) in p.explicit_text
         if p.family == "edit":
             assert m.source is not None and m.preserve
@@ -77,6 +78,28 @@ def test_facts_table():
         assert f.answer == (f.value if f.kind == "colour" else number_word(f.value))
     with pytest.raises(ValueError, match="colour='teal'"):
         colour_facts("teal")
+
+
+def test_facts_that_name_their_answer_are_text_qa_only():
+    named = [f for f in FACTS if f.answer in f.phrase.split()]
+    assert [f.phrase for f in named] == ["an orange"]            # "the colour of an orange"
+    assert all(f.names_answer for f in named) and not any(f.names_answer for f in FACTS if f not in named)
+    assert set(IMPLICIT_COLOUR_FACTS) == set(COLOUR_FACTS) - set(named)
+    assert set(IMPLICIT_COUNT_FACTS) == set(COUNT_FACTS)
+    rng = random.Random(0)
+    assert not any(generate("implicit_color", rng).meaning.fact in named for _ in range(500))
+
+
+def test_a_prompt_can_be_asked_for_a_fact():
+    fact = IMPLICIT_COUNT_FACTS[0]
+    p = generate("implicit_count", random.Random(0), fact=fact)
+    assert p.meaning.fact == fact and fact.phrase in p.text and p.meaning.objects[0].count == fact.value
+    with pytest.raises(ValueError, match="'a unicycle has wheels' cannot make a 'implicit_color'"):
+        generate("implicit_color", random.Random(0), fact=fact)
+    with pytest.raises(ValueError, match="'an orange' cannot make a 'implicit_color' prompt \\(not one of"):
+        generate("implicit_color", random.Random(0), fact=next(f for f in FACTS if f.phrase == "an orange"))
+    with pytest.raises(ValueError, match="cannot make a 'counting'"):
+        generate("counting", random.Random(0), fact=fact)
 
 
 def test_unknown_family_is_named():
