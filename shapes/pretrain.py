@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from shapes.pretrain_data import TASKS, Example, ImagePart, TextPart, make_example
+from shapes.pretrain_data import PLANS, TASKS, Example, ImagePart, TextPart, make_example
 from shapes.tokenizer import build_tokenizer, save as save_tokenizer
 from umm.checkpoint import load_pretrained, save_pretrained
 from umm.config import preset
@@ -54,6 +54,7 @@ class PretrainConfig:
     eval_every: int = 2000             # steps between quick judge checks (0 = never)
     out: str = "checkpoints/shapes-base"
     init_from: str = ""                # start from this checkpoint's weights (fresh optimizer/schedule)
+    plans: str = "restate"             # think-then-draw plans: "restate" the prompt or "commit" to its colours
 
 
 def target_segments(model: UnifiedModel, ex: Example, *, gen: torch.Generator):
@@ -200,6 +201,8 @@ def pretrain(cfg: PretrainConfig, *, model: UnifiedModel | None = None, progress
     """Train; returns the EMA model and the per-step log. `on_eval(state, step)` is called every
     `eval_every` steps (the CLI runs a quick judge check and saves). `resume_from`: a directory
     holding a saved TrainState, continued exactly (same batches, same schedule)."""
+    if cfg.plans not in PLANS:
+        raise ValueError(f"plans={cfg.plans!r}: not one of {PLANS}")
     if len(cfg.task_weights) != len(TASKS):
         raise ValueError(f"task_weights: need {len(TASKS)} weights for {TASKS}, got {len(cfg.task_weights)}")
     torch.set_num_threads(cfg.threads)
@@ -233,7 +236,8 @@ def pretrain(cfg: PretrainConfig, *, model: UnifiedModel | None = None, progress
         for g in state.opt.param_groups:
             g["lr"] = lr
         tasks = state.rng.choices(TASKS, cfg.task_weights, k=cfg.batch_size)
-        examples = [make_example(t, state.rng, tok, canvas_size=cfg.canvas_size, cfg_dropout=cfg.cfg_dropout)
+        examples = [make_example(t, state.rng, tok, canvas_size=cfg.canvas_size, cfg_dropout=cfg.cfg_dropout,
+                                 plans=cfg.plans)
                     for t in tasks]
         loss, parts = batch_loss(model, examples, gen=state.gen, ce_weight=cfg.ce_weight)
         state.opt.zero_grad(set_to_none=True)

@@ -2,8 +2,8 @@
 
 Tasks (each a chat-formatted row of text turns and images):
     t2i        user: prompt                                  -> image (flow matching)
-    t2i_think  system: think-first, user: prompt, assistant: <think> explicit restatement </think>
-                                                             -> image
+    t2i_think  system: think-first, user: prompt, assistant: <think> plan </think> -> image
+               (plan: the explicit restatement, or with --plans commit also the colours drawn)
     edit       image (VAE + ViT), user: instruction          -> edited image
     caption    image (ViT), user: describe                   -> assistant: caption
     vqa        image (ViT), user: atomic question            -> assistant: yes / no
@@ -17,7 +17,7 @@ memorised. Benchmark prompts (shapes.benchmark) are never drawn.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -28,13 +28,15 @@ from shapes.benchmark import is_held_out
 from shapes.facts import FACTS
 from shapes.layout import sample_scene
 from shapes.meaning import Meaning, describe, from_objects
-from shapes.prompts import generate
+from shapes.prompts import Prompt, generate
 from shapes.questions import questions_for, truth
 from shapes.scene import Scene, render
 from shapes.tokenizer import turn_ids
 from shapes.world import COLOUR_NAMES, SHAPES
 
 TASKS: tuple[str, ...] = ("t2i", "t2i_think", "edit", "caption", "vqa", "fact_qa")
+PLANS: tuple[str, ...] = ("restate", "commit")          # how a think-then-draw row writes its plan
+NUMBER_ONE_FAMILIES = ("counting", "implicit_count")    # their plans say "one square", not "a square"
 # drawing-caption families and their weights: the pretraining distribution's skew
 DRAW_FAMILIES: dict[str, float] = {"single_object": 0.40, "colors": 0.20, "two_objects": 0.14,
                                    "color_attr": 0.12, "counting": 0.11, "position": 0.03}
@@ -87,13 +89,37 @@ def scene_caption(scene: Scene) -> str:
     return describe(Meaning(objects=specs))
 
 
+def committed_meaning(meaning: Meaning, scene: Scene) -> Meaning:
+    """`meaning` with each colourless spec given the colour its objects were drawn in, when they all
+    share one (a spec whose objects differ in colour stays colourless). Scene objects come in spec order."""
+    drawn = iter(scene.objects)
+    specs = []
+    for spec in meaning.objects:
+        colours = {next(drawn).colour for _ in range(spec.count)}
+        specs.append(replace(spec, colour=colours.pop()) if spec.colour is None and len(colours) == 1 else spec)
+    return replace(meaning, objects=tuple(specs))
+
+
+def plan_text(p: Prompt, scene: Scene, plans: str) -> str:
+    """The plan of a think-then-draw row. "restate": the prompt made explicit (`p.explicit_text`);
+    "commit": also the details the prompt leaves open and the drawing fixes (the colours), so that
+    what the plan says is what gets drawn and an open choice in the plan is an open choice in the
+    image: the distribution RL explores when it writes a plan."""
+    if plans == "restate":
+        return p.explicit_text
+    if plans == "commit":
+        return describe(committed_meaning(p.meaning, scene), number_one=p.family in NUMBER_ONE_FAMILIES)
+    raise ValueError(f"plans={plans!r}: not one of {PLANS}")
+
+
 def make_example(task: str, rng: random.Random, tok: Tokenizer, *, canvas_size: int,
-                 cfg_dropout: float = 0.1) -> Example:
-    """One pretraining example of `task`; `cfg_dropout` drops the conditioning text of drawings."""
+                 cfg_dropout: float = 0.1, plans: str = "restate") -> Example:
+    """One pretraining example of `task`; `cfg_dropout` drops the conditioning text of drawings;
+    `plans` is how think-then-draw rows write their plan (`plan_text`)."""
     if task in ("t2i", "t2i_think"):
         p = draw_prompt(rng, canvas_size=canvas_size)
-        image = ImagePart(pixels=to_pixels(render(sample_scene(p.meaning, rng, canvas_size=canvas_size))),
-                          target=True)
+        scene = sample_scene(p.meaning, rng, canvas_size=canvas_size)
+        image = ImagePart(pixels=to_pixels(render(scene)), target=True)
         drop = rng.random() < cfg_dropout
         if task == "t2i":
             return Example(task=task, parts=([] if drop else [_turn(tok, "user", p.text)]) + [image])
@@ -101,7 +127,8 @@ def make_example(task: str, rng: random.Random, tok: Tokenizer, *, canvas_size: 
         if drop:    # text-CFG context of think mode: the system prompt alone
             return Example(task=task, parts=[system, image])
         return Example(task=task, parts=[system, _turn(tok, "user", p.text),
-                                         _turn(tok, "assistant", chat.think_text(p.explicit_text), target=True),
+                                         _turn(tok, "assistant", chat.think_text(plan_text(p, scene, plans)),
+                                               target=True),
                                          image])
     if task == "edit":
         while True:

@@ -6,11 +6,15 @@ import pytest
 import torch
 
 from shapes.benchmark import CATEGORIES, PROMPTS_PER_CATEGORY, benchmark_prompts, is_held_out
+from shapes.detect import detect
 from shapes.facts import IMPLICIT_COLOUR_FACTS, IMPLICIT_COUNT_FACTS
 from shapes.judge import judge
+from shapes.meaning import Meaning, ObjectSpec
 from shapes.pretrain import PretrainConfig, batch_loss, length_buckets, pretrain
-from shapes.pretrain_data import TASKS, ImagePart, TextPart, draw_prompt, make_example
-from shapes.scene import render
+from shapes.pretrain_data import (TASKS, ImagePart, TextPart, committed_meaning, draw_prompt, make_example,
+                                  plan_text)
+from shapes.prompts import generate
+from shapes.scene import Object, Scene, render
 from shapes.tokenizer import build_tokenizer, decode, normalise
 from shapes.world import COLOUR_NAMES, MAX_COUNT
 from umm.config import preset
@@ -73,6 +77,57 @@ def test_examples_are_well_formed_chat_rows():
     ex = make_example("t2i_think", random.Random(2), tok, canvas_size=32, cfg_dropout=0.0)
     think = decode(tok, ex.parts[2].ids, skip_special=False)
     assert think.startswith("assistant <think>") and think.endswith("</think>")
+
+
+def _think_and_image(ex):
+    tok = build_tokenizer()
+    think = decode(tok, ex.parts[2].ids)
+    pixels = ex.parts[-1].pixels
+    rgb = ((pixels.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return think, rgb
+
+
+def test_committed_plans_name_the_colours_drawn_and_change_nothing_else():
+    tok = build_tokenizer()
+    committed = 0
+    for seed in range(60):
+        a = make_example("t2i_think", random.Random(seed), tok, canvas_size=32, cfg_dropout=0.0)
+        b = make_example("t2i_think", random.Random(seed), tok, canvas_size=32, cfg_dropout=0.0, plans="commit")
+        assert torch.equal(a.parts[-1].pixels, b.parts[-1].pixels)      # same draws, same image
+        assert [x.ids for x in a.parts[:2]] == [x.ids for x in b.parts[:2]]
+        restated, _ = _think_and_image(a)
+        plan, rgb = _think_and_image(b)
+        said = [w for w in plan.split() if w in COLOUR_NAMES]
+        drawn = {d.colour for d in detect(rgb)}
+        assert set(said) <= drawn, (plan, drawn)                      # the plan names only drawn colours
+        if len(drawn) == 1 and len(detect(rgb)) == 1:                 # one object: its colour is in the plan
+            assert said == list(drawn), (plan, drawn)
+        committed += plan != restated
+    assert committed >= 10                                            # colourless prompts got a colour
+
+
+def test_committed_meaning_fills_a_colour_only_when_a_spec_shares_one():
+    m = Meaning(objects=(ObjectSpec(shape="square", count=2), ObjectSpec(shape="circle", colour="red"),
+                         ObjectSpec(shape="triangle")))
+
+    def obj(shape, colour):
+        return Object(shape=shape, colour=colour, cx=8.0, cy=8.0, size=6)
+    same = Scene(canvas_size=32, objects=(obj("square", "blue"), obj("square", "blue"), obj("circle", "red"),
+                                          obj("triangle", "green")))
+    mixed = Scene(canvas_size=32, objects=(obj("square", "blue"), obj("square", "purple"), obj("circle", "red"),
+                                           obj("triangle", "green")))
+    assert [s.colour for s in committed_meaning(m, same).objects] == ["blue", "red", "green"]
+    assert [s.colour for s in committed_meaning(m, mixed).objects] == [None, "red", "green"]
+    assert [s.count for s in committed_meaning(m, mixed).objects] == [2, 1, 1]
+    p = generate("counting", random.Random(0))
+    scene = Scene(canvas_size=32, objects=tuple(obj(p.meaning.objects[0].shape, "orange")
+                                                for _ in range(p.meaning.objects[0].count)))
+    assert plan_text(p, scene, "restate") == p.explicit_text
+    assert plan_text(p, scene, "commit").split()[:2] == [p.explicit_text.split()[0], "orange"]  # "one orange ..."
+    with pytest.raises(ValueError, match="plans='vivid'"):
+        plan_text(p, scene, "vivid")
+    with pytest.raises(ValueError, match="plans='vivid'"):
+        pretrain(PretrainConfig(steps=1, plans="vivid"), model=UnifiedModel(preset("shapes")), progress=False)
 
 
 def test_length_buckets_limit_padding():
