@@ -70,6 +70,11 @@ class RolloutWorker:
         self.version = manifest.version
         return self.version
 
+    def save_policy(self, directory: str) -> str:
+        """Write this replica's weights (the learner's latest, checksum-verified) as a checkpoint."""
+        from driver.stages import save_policy
+        return str(save_policy(self.model, self.cfg.policy, directory))
+
     def checksum(self) -> int:
         from actors.weight_sync import model_checksum
         return model_checksum(self.model, bucket_bytes=int(self.cfg.pools.learner.bucket_mb * (1 << 20)))

@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     name: str = "shapes-rt2i"
-    out_dir: str = "runs"            # the run writes runs/<name>/ (metrics.jsonl, grids, final weights)
+    out_dir: str = "runs"            # the run writes runs/<name>/ (config, metrics.jsonl, summary, policy/)
+    save_policy: bool = True         # write the trained policy to runs/<name>/policy/ (policy.checkpoint= loads it)
     seed: int = 0
 
 

@@ -34,7 +34,7 @@ def run(cfg: Config) -> dict:
     t0 = time.perf_counter()
     if cfg.trainer.mode == "sync":
         from driver.sync import train_sync
-        result = train_sync(cfg, log=log)
+        result = train_sync(cfg, log=log, save_to=out / "policy" if cfg.run.save_policy else None)
     else:
         from driver.cluster import connect, required_resources
         from driver.pipeline import Pipeline
@@ -53,6 +53,8 @@ def run(cfg: Config) -> dict:
                   f"{len(actor_sums) - n_rollout} refine replicas "
                   + ("all equal to it" if same else "DIFFER: " + ", ".join(f"{c:#018x}" for c in actor_sums)),
                   flush=True)
+            if cfg.run.save_policy:
+                pipe.save_policy(out / "policy")
         finally:
             pipe.shutdown()
     summary = {"mode": cfg.trainer.mode, "steps": len(result.steps), "trajectories": result.trajectories,
@@ -61,6 +63,10 @@ def run(cfg: Config) -> dict:
     if result.before is not None and result.after is not None:
         print("held-out shapes-geneval (strict judge):")
         print(before_after_table(result.before, result.after), flush=True)
+    if cfg.run.save_policy:
+        summary["policy"] = str(out / "policy")
+        print(f"trained policy: {out / 'policy'} (evaluate: python -m shapes.evaluate --checkpoint {out / 'policy'}; "
+              f"train on: policy.checkpoint={out / 'policy'})", flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done: {len(result.steps)} steps, {result.trajectories} trajectories in {summary['seconds']} s", flush=True)
     return summary

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from driver.config import Config
 from driver.metrics import MetricsLog, StepRecord, reward_stats
@@ -316,6 +317,11 @@ class Pipeline:
         """(learner's gathered checksum, each replica's: rollout actors, then refine actors)."""
         learner = self.ray.get([a.trainable_checksum.remote() for a in self.learners])[0]
         return learner, self.ray.get([actor.checksum.remote() for actor in self.replicas])
+
+    def save_policy(self, directory: str | Path) -> Path:
+        """The trained policy as a checkpoint, written by rollout actor 0 (its replica holds the
+        learner's latest weights: `checksums` shows they are equal)."""
+        return Path(self.ray.get(self.slots[0].actor.save_policy.remote(str(directory))))
 
     def shutdown(self) -> None:
         self.scorer.shutdown(wait=False, cancel_futures=True)

@@ -12,6 +12,7 @@ Records that cross actor boundaries:
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +111,27 @@ def with_lora(model: UnifiedModel, policy: PolicyConfig) -> UnifiedModel:
     if policy.lora.enabled:
         apply_lora(model, LoRAConfig(rank=policy.lora.rank, alpha=policy.lora.alpha))
     return model
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "generation_config.json")
+
+
+def save_policy(model: UnifiedModel, policy: PolicyConfig, directory: str | Path) -> Path:
+    """The trained policy as a checkpoint `policy.checkpoint=<directory>` loads: LoRA folded into the
+    base weights (the live model is not changed), the source checkpoint's tokenizer files beside it."""
+    import shutil
+
+    from umm.checkpoint import save_pretrained
+    from umm.lora import merged_state_dict
+
+    out = save_pretrained(model, directory, state=merged_state_dict(model))
+    for name in TOKENIZER_FILES:
+        src = Path(policy.checkpoint) / name
+        if src.exists():
+            shutil.copyfile(src, out / (name + ".tmp"))
+            (out / (name + ".tmp")).replace(out / name)
+    return out
 
 
 def policy_factory(policy: PolicyConfig):

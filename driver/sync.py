@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from driver.config import Config
 from driver.metrics import MetricsLog, StepRecord, reward_stats
 from driver.stages import (LocalReward, PromptStream, batch_advantages, evaluate_heldout, groups_loss,
-                           load_policy, sample_group, settings_from)
+                           load_policy, sample_group, save_policy, settings_from)
 
 
 @dataclass(kw_only=True)
@@ -32,7 +33,9 @@ def is_zero_variance(rewards: list[float]) -> bool:
     return max(rewards) - min(rewards) <= 1e-8
 
 
-def train_sync(cfg: Config, *, log: MetricsLog | None = None, model=None) -> RunResult:
+def train_sync(cfg: Config, *, log: MetricsLog | None = None, model=None, save_to: str | Path | None = None
+               ) -> RunResult:
+    """The one-process baseline; `save_to`: write the trained policy there as a checkpoint."""
     from shapes.tokenizer import build_tokenizer
     torch.manual_seed(cfg.run.seed)
     t_start = time.perf_counter()
@@ -86,5 +89,7 @@ def train_sync(cfg: Config, *, log: MetricsLog | None = None, model=None) -> Run
             log.add(rec)
     if ev.enabled:
         result.after = evaluate_heldout(model, tok, ev)
+    if save_to is not None:
+        save_policy(model, cfg.policy, save_to)
     result.seconds = time.perf_counter() - t_start
     return result

@@ -81,11 +81,15 @@ def model_state(model: UnifiedModel) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith("vae.")}
 
 
-def save_pretrained(model: UnifiedModel, directory: str | Path) -> Path:
-    """Write the checkpoint directory (files first to *.tmp, then renamed: never half-written)."""
+def save_pretrained(model: UnifiedModel, directory: str | Path, *, state: dict[str, torch.Tensor] | None = None
+                    ) -> Path:
+    """Write the checkpoint directory (files first to *.tmp, then renamed: never half-written).
+    `state`: the tensors to write instead of `model_state(model)` (e.g. `umm.lora.merged_state_dict`);
+    autoencoder tensors in it are left to ae.safetensors."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model_state(model).items()}
+    state = model_state(model) if state is None else {k: v for k, v in state.items() if not k.startswith("vae.")}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     writes = [(EMA, lambda p: save_file(state, str(p), metadata={"format": "pt"})),
               (LLM_JSON, lambda p: p.write_text(json.dumps(_llm_json(model.cfg.llm), indent=2))),
               (VIT_JSON, lambda p: p.write_text(json.dumps(_vit_json(model.cfg.vit), indent=2))),

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from umm.config import ConfigError
@@ -112,6 +113,22 @@ def merge_lora(model: nn.Module) -> int:
             setattr(parent, attr, module.get_base_layer())
             merged += 1
     return merged
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as if `merge_lora` had run, without changing the model: every adapted
+    linear's weight is base + delta under the base layer's name, adapter tensors left out (a plain
+    state dict when there is no LoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            key = f"{name}.base_layer.weight"
+            with torch.no_grad():
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+                state[key] = state[key] + delta
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
 
 
 @contextmanager

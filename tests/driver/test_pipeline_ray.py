@@ -14,17 +14,24 @@ SMALL = ["policy.flow.num_steps=4", "policy.flow.window_size=2", "policy.think.m
          "pools.rollout.num=2", "pools.learner.world_size=2", "pools.learner.zero_stage=3", "run.seed=5"]
 
 
-def run_pipeline(overrides, *, on_step=None):
+def run_pipeline(overrides, *, on_step=None, after=None):
+    """Run; `after(pipe)` is called before the pipeline shuts down."""
     from driver.pipeline import Pipeline
     pipe = Pipeline(load(SMALL + overrides))
     try:
-        return pipe, pipe.run(on_step=on_step)
+        result = pipe.run(on_step=on_step)
+        if after is not None:
+            after(pipe)
+        return pipe, result
     finally:
         pipe.shutdown()
 
 
-def test_pipeline_trains_and_every_actor_holds_the_learners_weights(ray_cluster):
+def test_pipeline_trains_and_every_actor_holds_the_learners_weights(ray_cluster, tmp_path):
     import numpy as np
+
+    from actors.weight_sync import model_checksum
+    from driver.stages import load_policy
 
     from actors.rollout import StaleWeightsError
     from driver.stages import RefineRequest
@@ -44,7 +51,9 @@ def test_pipeline_trains_and_every_actor_holds_the_learners_weights(ray_cluster)
         with pytest.raises(StaleWeightsError, match="RefineWorker 0: asked for policy"):
             ray.get(pipe.refiners[0].refine.options(num_returns=4).remote(stale)[0])
 
-    pipe, result = run_pipeline(["trainer.steps=2", "pools.refine.num=1"], on_step=check)
+    saved = []
+    pipe, result = run_pipeline(["trainer.steps=2", "pools.refine.num=1"], on_step=check,
+                                after=lambda p: saved.append((p.checksums()[0], p.save_policy(tmp_path / "policy"))))
     assert [r.policy_version for r in result.steps] == [1, 2]
     for r in result.steps:
         assert math.isfinite(r.loss) and math.isfinite(r.reward_mean) and 0 <= r.judge_acc <= 1
@@ -53,13 +62,23 @@ def test_pipeline_trains_and_every_actor_holds_the_learners_weights(ray_cluster)
     assert refined == [(1, [(32, 32, 3)] * 2), (2, [(32, 32, 3)] * 2)]
     assert seen[0][1] != seen[1][1]                       # the weights did change between steps
     assert [s.version for s in pipe.slots] == [2, 2]
+    # the trained policy is saved as a checkpoint that loads back to the learner's weights
+    final, policy_dir = saved[0]
+    assert final == seen[-1][1] and (policy_dir / "tokenizer.json").exists()
+    reloaded = load_policy(load(SMALL + [f"policy.checkpoint={policy_dir}"]).policy)
+    assert model_checksum(reloaded, bucket_bytes=int(pipe.cfg.pools.learner.bucket_mb * (1 << 20))) == final
 
 
-def test_sync_mode_and_pipeline_agree_on_the_first_step(ray_cluster):
+def test_sync_mode_and_pipeline_agree_on_the_first_step(ray_cluster, tmp_path):
+    import torch
+
+    from umm.checkpoint import load_pretrained
+
     # the held-out evaluation too: the pipeline deals its 2 images per prompt out to the 2 rollout actors
     ev = ["eval.enabled=true", "eval.prompts_per_category=1", "eval.images_per_prompt=2", "eval.num_steps=3"]
-    _, piped = run_pipeline(["trainer.steps=1", "trainer.max_staleness=0", *ev])
-    alone = train_sync(load(SMALL + ["trainer.steps=1", "trainer.mode=sync", *ev]))
+    _, piped = run_pipeline(["trainer.steps=1", "trainer.max_staleness=0", *ev],
+                            after=lambda p: p.save_policy(tmp_path / "piped"))
+    alone = train_sync(load(SMALL + ["trainer.steps=1", "trainer.mode=sync", *ev]), save_to=tmp_path / "alone")
     assert piped.before == alone.before and "geneval_mean" in piped.before
     a, b = piped.steps[0], alone.steps[0]
     assert a.reward_mean == pytest.approx(b.reward_mean, abs=1e-6)
@@ -68,6 +87,13 @@ def test_sync_mode_and_pipeline_agree_on_the_first_step(ray_cluster):
     assert piped.first_loss == pytest.approx(alone.first_loss, abs=1e-6)
     assert a.image_loss == pytest.approx(b.image_loss, abs=1e-6)
     assert a.text_loss == pytest.approx(b.text_loss, abs=1e-6)
+    # and the same trained weights (ZeRO-3 over 2 ranks vs one process), saved by each mode
+    w_piped, w_alone = (load_pretrained(tmp_path / d, base="shapes").state_dict() for d in ("piped", "alone"))
+    base = load_pretrained(load(SMALL).policy.checkpoint, base="shapes").state_dict()
+    assert w_piped.keys() == w_alone.keys()
+    for k in w_alone:
+        torch.testing.assert_close(w_piped[k], w_alone[k], atol=1e-6, rtol=0)
+    assert any(not torch.equal(w_alone[k], base[k]) for k in base)      # the step changed the weights
 
 
 def test_staleness_bound_holds(ray_cluster):

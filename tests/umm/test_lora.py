@@ -72,3 +72,27 @@ def test_merged_and_unmerged_outputs_agree():
     merged = outputs()
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
     assert not lora_parameters(model)
+
+
+def test_merged_state_dict_is_what_merging_gives_and_leaves_the_model_alone():
+    import copy
+
+    from umm.lora import merged_state_dict
+
+    model = tiny_model()
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():
+        for p in lora_parameters(model).values():
+            p.normal_(0, 0.2)
+    by_hand = copy.deepcopy(model)
+    merge_lora(by_hand)
+    expected = by_hand.state_dict()
+    state = merged_state_dict(model)
+    assert state.keys() == expected.keys() == plain.keys()          # base names, no adapter tensors
+    for k in expected:
+        torch.testing.assert_close(state[k], expected[k], atol=0, rtol=0)
+    changed = [k for k in plain if not torch.equal(state[k], plain[k])]
+    assert len(changed) == 2 * 7 * model.cfg.llm.num_hidden_layers    # exactly the adapted weights moved
+    assert lora_parameters(model)                                      # the live model keeps its adapters
+    assert merged_state_dict(tiny_model()).keys() == plain.keys()      # no LoRA: the plain state dict
