@@ -12,8 +12,8 @@ Records that cross actor boundaries:
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch

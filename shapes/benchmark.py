@@ -2,7 +2,8 @@
 
 Fixed prompts per category (GenEval's six, implicit intent, edits), drawn once from a dedicated
 seed. Implicit-intent prompts are stratified: every answer (colour; count 1-4) gets the same number
-of prompts, its facts taken in turn, so no answer the model happens to favour is over-weighted. Their exact texts never appear in pretraining or RL training: every training sampler asks
+of prompts, its facts taken in turn, so no answer the model happens to favour is over-weighted.
+Their exact texts never appear in pretraining or RL training: every training sampler asks
 `is_held_out(text)` and redraws (tests/shapes check the samplers). Scoring is GenEval-style strict
 correctness by the programmatic judge, per category.
 """
