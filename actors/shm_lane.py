@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from actors.weights_hash import WeightsHash, to_int64
+from actors.weights_hash import WeightsHash, byte_view, to_int64
 
 ALIGN = 64
 DEFAULT_CHUNK_BYTES = 4 << 20
@@ -158,7 +158,7 @@ def send_shared(group, slots: SharedSlots, buckets: Iterator[list[Tensor]], mani
     for tensors in buckets:
         for t in tensors:
             off = layout.offsets[index]
-            raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            raw = byte_view(t)
             slot[off:off + raw.numel()].copy_(raw)
             index += 1
     if index != len(layout.sizes):

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from actors import shm_lane
-from actors.weights_hash import WeightsHash, from_int64, to_int64
+from actors.weights_hash import WeightsHash, byte_view, from_int64, to_int64
 
 DEFAULT_BUCKET_BYTES = 32 << 20
 _MAGIC = 0x57534E43  # "WSNC"
@@ -293,7 +293,7 @@ def send_weights(group: BroadcastGroup | None, buckets: Iterator[list[Tensor]],
             in_flight[slot].wait()
         flat, offset = slots[slot][:manifest.bucket_sizes[i]], 0
         for t in tensors:
-            raw = t.detach().contiguous().reshape(-1).view(torch.uint8)  # D2H happens in the copy
+            raw = byte_view(t)  # D2H happens in the copy
             flat[offset:offset + raw.numel()].copy_(raw)
             offset += raw.numel()
         if offset != flat.numel():

@@ -10,9 +10,14 @@ import xxhash
 from torch import Tensor
 
 
+def byte_view(t: Tensor) -> Tensor:
+    """The raw bytes of a tensor as a flat uint8 tensor on its own device (a view when contiguous)."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 def raw_bytes(t: Tensor) -> Tensor:
     """The raw bytes of a tensor as a flat CPU uint8 tensor (a view when already CPU-contiguous)."""
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+    return byte_view(t).cpu()
 
 
 class WeightsHash:

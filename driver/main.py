@@ -31,10 +31,11 @@ def run(cfg: Config) -> dict:
     if cfg.eval.enabled:
         print(f"held-out shapes-geneval before and after training: up to {cfg.eval.prompts_per_category} prompts "
               f"per category x {cfg.eval.images_per_prompt} image(s); evaluating the starting policy...", flush=True)
+    policy_dir = out / "policy" if cfg.run.save_policy else None
     t0 = time.perf_counter()
     if cfg.trainer.mode == "sync":
         from driver.sync import train_sync
-        result = train_sync(cfg, log=log, save_to=out / "policy" if cfg.run.save_policy else None)
+        result = train_sync(cfg, log=log, save_to=policy_dir)
     else:
         from driver.cluster import connect, required_resources
         from driver.pipeline import Pipeline
@@ -53,8 +54,8 @@ def run(cfg: Config) -> dict:
                   f"{len(actor_sums) - n_rollout} refine replicas "
                   + ("all equal to it" if same else "DIFFER: " + ", ".join(f"{c:#018x}" for c in actor_sums)),
                   flush=True)
-            if cfg.run.save_policy:
-                pipe.save_policy(out / "policy")
+            if policy_dir is not None:
+                pipe.save_policy(policy_dir)
         finally:
             pipe.shutdown()
     summary = {"mode": cfg.trainer.mode, "steps": len(result.steps), "trajectories": result.trajectories,
@@ -63,10 +64,10 @@ def run(cfg: Config) -> dict:
     if result.before is not None and result.after is not None:
         print("held-out shapes-geneval (strict judge):")
         print(before_after_table(result.before, result.after), flush=True)
-    if cfg.run.save_policy:
-        summary["policy"] = str(out / "policy")
-        print(f"trained policy: {out / 'policy'} (evaluate: python -m shapes.evaluate --checkpoint {out / 'policy'}; "
-              f"train on: policy.checkpoint={out / 'policy'})", flush=True)
+    if policy_dir is not None:
+        summary["policy"] = str(policy_dir)
+        print(f"trained policy: {policy_dir} (evaluate: python -m shapes.evaluate --checkpoint {policy_dir}; "
+              f"train on: policy.checkpoint={policy_dir})", flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done: {len(result.steps)} steps, {result.trajectories} trajectories in {summary['seconds']} s", flush=True)
     return summary

@@ -320,8 +320,10 @@ class Pipeline:
 
     def save_policy(self, directory: str | Path) -> Path:
         """The trained policy as a checkpoint, written by rollout actor 0 (its replica holds the
-        learner's latest weights: `checksums` shows they are equal)."""
-        return Path(self.ray.get(self.slots[0].actor.save_policy.remote(str(directory))))
+        learner's latest weights: `checksums` shows they are equal). The path is made absolute here,
+        since the actor's working directory is not the driver's; on a multi-node cluster it must be
+        on storage that node shares with the driver."""
+        return Path(self.ray.get(self.slots[0].actor.save_policy.remote(str(Path(directory).resolve()))))
 
     def shutdown(self) -> None:
         self.scorer.shutdown(wait=False, cancel_futures=True)

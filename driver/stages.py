@@ -120,18 +120,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def save_policy(model: UnifiedModel, policy: PolicyConfig, directory: str | Path) -> Path:
     """The trained policy as a checkpoint `policy.checkpoint=<directory>` loads: LoRA folded into the
     base weights (the live model is not changed), the source checkpoint's tokenizer files beside it."""
-    import shutil
-
     from umm.checkpoint import save_pretrained
     from umm.lora import merged_state_dict
 
-    out = save_pretrained(model, directory, state=merged_state_dict(model))
-    for name in TOKENIZER_FILES:
-        src = Path(policy.checkpoint) / name
-        if src.exists():
-            shutil.copyfile(src, out / (name + ".tmp"))
-            (out / (name + ".tmp")).replace(out / name)
-    return out
+    tokenizer = [Path(policy.checkpoint) / name for name in TOKENIZER_FILES]
+    return save_pretrained(model, directory, state=merged_state_dict(model),
+                           copy_files=[f for f in tokenizer if f.exists()])
 
 
 def policy_factory(policy: PolicyConfig):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -78,23 +80,30 @@ def model_state(model: UnifiedModel) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if any(".lora_" in k or ".base_layer." in k for k in state):
         raise CheckpointError("model has LoRA adapters; call umm.lora.merge_lora(model) before saving")
+    return _without_ae(state)
+
+
+def _without_ae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The autoencoder's tensors live in ae.safetensors, not ema.safetensors."""
     return {k: v for k, v in state.items() if not k.startswith("vae.")}
 
 
-def save_pretrained(model: UnifiedModel, directory: str | Path, *, state: dict[str, torch.Tensor] | None = None
-                    ) -> Path:
+def save_pretrained(model: UnifiedModel, directory: str | Path, *, state: dict[str, torch.Tensor] | None = None,
+                    copy_files: Sequence[Path] = ()) -> Path:
     """Write the checkpoint directory (files first to *.tmp, then renamed: never half-written).
     `state`: the tensors to write instead of `model_state(model)` (e.g. `umm.lora.merged_state_dict`);
-    autoencoder tensors in it are left to ae.safetensors."""
+    autoencoder tensors in it are left to ae.safetensors. `copy_files` (e.g. a tokenizer) are copied
+    in under their own names the same way."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = model_state(model) if state is None else {k: v for k, v in state.items() if not k.startswith("vae.")}
+    state = model_state(model) if state is None else _without_ae(state)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     writes = [(EMA, lambda p: save_file(state, str(p), metadata={"format": "pt"})),
               (LLM_JSON, lambda p: p.write_text(json.dumps(_llm_json(model.cfg.llm), indent=2))),
               (VIT_JSON, lambda p: p.write_text(json.dumps(_vit_json(model.cfg.vit), indent=2))),
               (UMM_JSON, lambda p: model.cfg.save(p)),
               (AE, lambda p: save_ae(model.vae, p))]
+    writes += [(src.name, lambda p, src=src: shutil.copyfile(src, p)) for src in map(Path, copy_files)]
     for name, write in writes:
         tmp = directory / (name + ".tmp")
         write(tmp)
