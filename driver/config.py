@@ -65,6 +65,8 @@ class FlowSection:
     window_size: int = 10
     window_start: list[int] = field(default_factory=lambda: [0, 1])
     noise_level: float = 0.7
+    sigma_at_one: str = "flow_grpo"  # SDE noise at t = 1: "flow_grpo" (their code: only 1 - t capped) or
+                                     # "capped" (sigma of the next timestep); grpo/sde.py sde_sigma
     noise_block: int = 1             # SDE noise shared by K x K latent blocks (1 = Flow-GRPO; see grpo/sde.py)
     shared_start: bool = False       # a group's G images start from one x_1: only the SDE noise differs
     cfg_text_scale: float = 4.0
@@ -110,6 +112,9 @@ class LossSection:
     text_clip_low: float = 0.2
     text_clip_high: float = 0.28
     image_kl_weight: float = 0.0
+    image_kl_scale: str = "flow_grpo"  # "flow_grpo": the KL as Flow-GRPO's code computes it (so its kl weights
+                                       # mean the same here); "exact": the transitions' KL, 1/(-dt) times
+                                       # larger (grpo/sde.py transition_kl)
     text_kl_weight: float = 0.0
 
 
@@ -204,6 +209,7 @@ def resolve_path(path: str, *, key: str) -> Path:
 
 def validate(cfg: Config) -> Config:
     """Check values the types cannot: choices, ranges, divisibility. Returns cfg."""
+    from grpo.sde import KL_SCALES, SIGMA_AT_ONE, check_window
     from shapes.prompts import FAMILIES
 
     t, p, pools = cfg.trainer, cfg.policy, cfg.pools
@@ -222,11 +228,13 @@ def validate(cfg: Config) -> Config:
     if t.lr <= 0:
         raise ConfigError(f"trainer.lr={t.lr!r}: must be > 0")
     _at_least("policy.flow.num_steps", p.flow.num_steps, 1)
-    if len(p.flow.window_start) != 2 or not 0 <= p.flow.window_start[0] <= p.flow.window_start[1]:
-        raise ConfigError(f"policy.flow.window_start={list(p.flow.window_start)}: need [lo, hi] with 0 <= lo <= hi")
-    if p.flow.window_start[1] + p.flow.window_size > p.flow.num_steps:
-        raise ConfigError(f"policy.flow.window_size={p.flow.window_size} starting as late as step "
-                          f"{p.flow.window_start[1]} does not fit policy.flow.num_steps={p.flow.num_steps}")
+    try:   # the sampler's own check, here before anything starts (the last step is never trained)
+        check_window(p.flow.num_steps, window_size=p.flow.window_size, start_range=list(p.flow.window_start))
+    except ValueError as e:
+        raise ConfigError(f"policy.flow.window_size={p.flow.window_size} / policy.flow.window_start="
+                          f"{list(p.flow.window_start)} / policy.flow.num_steps={p.flow.num_steps}: {e}") from None
+    _choice("policy.flow.sigma_at_one", p.flow.sigma_at_one, SIGMA_AT_ONE)
+    _choice("trainer.loss.image_kl_scale", t.loss.image_kl_scale, KL_SCALES)
     _at_least("policy.flow.noise_block", p.flow.noise_block, 1)
     _at_least("policy.flow.cfg_text_scale", p.flow.cfg_text_scale, 1.0)
     _at_least("policy.flow.cfg_image_scale", p.flow.cfg_image_scale, 1.0)

@@ -84,10 +84,11 @@ def policy_settings(policy: PolicyConfig, trainer: TrainerConfig) -> PolicySetti
     think = ThinkConfig(max_new_tokens=t.max_new_tokens, temperature=t.temperature, top_p=t.top_p) if t.enabled else None
     flow = FlowConfig(num_steps=f.num_steps, shift=f.shift, window_size=f.window_size,
                       window_start=(f.window_start[0], f.window_start[1]), noise_level=f.noise_level,
-                      noise_block=f.noise_block, shared_start=f.shared_start,
+                      sigma_at_one=f.sigma_at_one, noise_block=f.noise_block, shared_start=f.shared_start,
                       cfg=CFGConfig(text_scale=f.cfg_text_scale))
     loss = LossConfig(image_clip=lc.image_clip, text_clip_low=lc.text_clip_low, text_clip_high=lc.text_clip_high,
-                      image_kl_weight=lc.image_kl_weight, text_kl_weight=lc.text_kl_weight)
+                      image_kl_weight=lc.image_kl_weight, image_kl_scale=lc.image_kl_scale,
+                      text_kl_weight=lc.text_kl_weight)
     edit = CFGConfig(text_scale=f.cfg_text_scale, image_scale=f.cfg_image_scale, renorm_type="text_channel")
     return PolicySettings(think=think, flow=flow, loss=loss, canvas_size=policy.canvas_size,
                           edit_guidance=edit)

@@ -84,12 +84,15 @@ def image_ppo_loss(
     if not clip_eps > 0:
         raise ValueError(f"clip_eps must be > 0, got {clip_eps!r}")
 
-    ratio = torch.exp(logp.float() - logp_old.detach().float())
+    # masked before exp: a masked step's log-prob may be anything (inf, NaN) and must not reach a
+    # gradient (where() passes 0 * NaN = NaN back through the branch it did not take)
+    mask = step_mask.bool()
+    zeros = torch.zeros_like(logp, dtype=torch.float32)
+    ratio = torch.exp(torch.where(mask, logp.float() - logp_old.detach().float(), zeros))
     loss, clipped = _ppo_clip(ratio, adv.detach().float()[:, None], clip_eps, clip_eps)
     if kl is not None and kl_weight != 0.0:
-        loss = loss + kl_weight * kl.float()
-    mask = step_mask.bool()
-    loss = torch.where(mask, loss, torch.zeros_like(loss))
+        loss = loss + kl_weight * torch.where(mask, kl.float(), zeros)
+    loss = torch.where(mask, loss, zeros)
     return loss, _stats(ratio, mask, clipped, kl)
 
 

@@ -45,6 +45,7 @@ class FlowConfig:
     window_size: int = 10
     window_start: tuple[int, int] = (0, 1)
     noise_level: float = 0.7
+    sigma_at_one: str = "flow_grpo"  # sigma at t = 1: Flow-GRPO's ("flow_grpo") or sigma(t_cap) ("capped"); grpo.sde
     noise_block: int = 1           # exploration noise shared by K x K latent blocks (1 = Flow-GRPO; grpo.sde)
     shared_start: bool = False     # every row starts from the same x_1 (a group: only SDE noise differs)
     cfg: CFGConfig = field(default_factory=CFGConfig)
@@ -119,7 +120,8 @@ def rollout(model: UnifiedModel, prompts: list[DrawPrompt], *, hw: tuple[int, in
     basis = (NoiseBasis(grid=hw, patch=model.cfg.latent_patch_size, channels=model.cfg.vae.z_channels,
                         block=flow.noise_block) if flow.noise_block > 1 else None)
     path = sample_flow(velocity_fn(model, contexts, hw=hw, cfg=flow.cfg), noise, timesteps=timesteps,
-                       sde_steps=window, noise_level=flow.noise_level, generator=generator, basis=basis)
+                       sde_steps=window, noise_level=flow.noise_level, generator=generator, basis=basis,
+                       sigma_at_one=flow.sigma_at_one)
     return Rollout(think=sample, flow=path, hw=hw, policy_version=policy_version)
 
 
@@ -133,11 +135,12 @@ class Recomputed:
 
 
 def recompute(model: UnifiedModel, prompts: list[DrawPrompt], ro: Rollout, *, think: ThinkConfig | None,
-              cfg: CFGConfig, reference: bool = False) -> Recomputed:
+              cfg: CFGConfig, reference: bool = False, kl_scale: str = "flow_grpo") -> Recomputed:
     """Re-score a rollout with the current weights through the rollout's own code path.
 
     reference=True also scores it under the base weights (every LoRA adapter off), for the KL terms;
-    the model must then carry LoRA, else the reference would be the policy itself."""
+    the model must then carry LoRA, else the reference would be the policy itself. kl_scale: the image
+    KL's scale ("flow_grpo" or "exact", grpo.sde.transition_kl)."""
     temperature = think.temperature if think is not None else 1.0
     has_text = ro.think.tokens.shape[1] > 0
     eos = model.cfg.tokens.eos
@@ -161,7 +164,7 @@ def recompute(model: UnifiedModel, prompts: list[DrawPrompt], ro: Rollout, *, th
         def ref_v(x, t, i):
             with adapters_disabled(model):
                 return ref_ctx_v(x, t, i)
-    scores = recompute_steps(policy_v, ro.flow, ref_velocity_fn=ref_v)
+    scores = recompute_steps(policy_v, ro.flow, ref_velocity_fn=ref_v, kl_scale=kl_scale)
     return Recomputed(text_logp=text_logp, image_logp=scores.logp,
                       text_logp_ref=text_ref.detach() if text_ref is not None else None, image_kl=scores.kl)
 
@@ -174,7 +177,9 @@ class LossConfig:
     text_clip_high: float = 0.28
     text_level: str = "sequence"
     mode: str = "rt2i"             # text weight: "rt2i" = all trained image steps, "srr" = one step
-    image_kl_weight: float = 0.0   # beta on ||mu - mu_ref||^2 / (2 sigma^2), reference = LoRA off
+    image_kl_weight: float = 0.0   # beta on the per-step KL to the reference (LoRA off), on image_kl_scale
+    image_kl_scale: str = "flow_grpo"  # "flow_grpo": ||mu - mu_ref||^2 / (2 sigma_t^2) as Flow-GRPO's code,
+                                       # "exact": the transitions' KL, 1 / (-dt) times that (grpo.sde.transition_kl)
     text_kl_weight: float = 0.0    # beta on the k3 estimator of KL(policy || reference)
 
     @property
@@ -194,7 +199,8 @@ class LossResult:
 def grpo_loss(model: UnifiedModel, prompts: list[DrawPrompt], ro: Rollout, adv: Tensor, *,
               think: ThinkConfig | None, cfg: CFGConfig, loss: LossConfig) -> LossResult:
     """One shared advantage per trajectory on its text tokens and every trained image step."""
-    r = recompute(model, prompts, ro, think=think, cfg=cfg, reference=loss.needs_reference)
+    r = recompute(model, prompts, ro, think=think, cfg=cfg, reference=loss.needs_reference,
+                  kl_scale=loss.image_kl_scale)
     step_loss, img_stats = image_ppo_loss(r.image_logp.T, ro.flow.logp.T, adv, clip_eps=loss.image_clip,
                                           kl=r.image_kl.T if r.image_kl is not None else None,
                                           kl_weight=loss.image_kl_weight)

@@ -9,7 +9,7 @@ Conventions (BAGEL / rectified flow):
 Flow-GRPO turns the deterministic ODE into an SDE with the same marginals, so each step becomes a
 Gaussian policy pi(x_next | x) whose log-density can be trained with PPO:
 
-    sigma_t = noise_level * sqrt(t / (1 - t))          (t capped below 1, see `sde_sigma`)
+    sigma_t = noise_level * sqrt(t / (1 - t))          (at t = 1, see `sde_sigma`)
     mean    = x + [v + sigma_t^2 / (2 t) * (x + (1 - t) * v)] * dt
     std     = sigma_t * sqrt(-dt)
     x_next  = mean + std * eps,   eps ~ N(0, I)
@@ -144,24 +144,37 @@ def _explored_std(basis: NoiseBasis | None, std: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- one step
 
-def sde_sigma(t: TimeLike, *, noise_level: float, t_cap: float) -> Tensor:
-    """Diffusion coefficient sigma_t = noise_level * sqrt(t_c / (1 - t_c)), t_c = min(t, t_cap).
+SIGMA_AT_ONE = ("flow_grpo", "capped")
 
-    sigma diverges at t = 1 (the first sampling step), so t is capped at `t_cap`, the next-largest
-    timestep of the schedule below 1 (`t_cap_of(timesteps)`); Flow-GRPO does the same with its
-    sigma table. Returns fp32 with t's shape.
+
+def sde_sigma(t: TimeLike, *, noise_level: float, t_cap: float, at_one: str = "flow_grpo") -> Tensor:
+    """Diffusion coefficient sigma_t = noise_level * sqrt(t / (1 - t)); returns fp32 with t's shape.
+
+    sigma diverges at t = 1 (the first sampling step); `t_cap` is the next-largest timestep of the
+    schedule below 1 (`t_cap_of(timesteps)`), and `at_one` says how it is used there:
+
+        "flow_grpo": noise_level * sqrt(t / (1 - min(t, t_cap)))   only the denominator is capped, as in
+                     Flow-GRPO's released `sde_step_with_logprob` (its `sigma_max` = sigmas[1]); at
+                     t = 1 this is 1 / sqrt(t_cap) times "capped": x1.011 at 16 steps / shift 3,
+                     x1.054 at 10 steps / shift 1. The default: published settings mean the same here.
+        "capped":    noise_level * sqrt(t_c / (1 - t_c)), t_c = min(t, t_cap)   sigma_1 = sigma_{t_cap}
+
+    Both agree for every t <= t_cap, i.e. on every step but the first.
     """
     if not 0.0 < t_cap < 1.0:
         raise ValueError(f"t_cap must lie in (0, 1), got {t_cap!r}")
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level!r}")
-    t = torch.as_tensor(t, dtype=torch.float32).clamp(max=t_cap)
-    return noise_level * torch.sqrt(t / (1.0 - t))
+    if at_one not in SIGMA_AT_ONE:
+        raise ValueError(f"at_one must be one of {SIGMA_AT_ONE}, got {at_one!r}")
+    t = torch.as_tensor(t, dtype=torch.float32)
+    t_c = t.clamp(max=t_cap)
+    return noise_level * torch.sqrt((t if at_one == "flow_grpo" else t_c) / (1.0 - t_c))
 
 
 def sde_mean_std(
     x: Tensor, v: Tensor, t: TimeLike, t_next: TimeLike, *, noise_level: float, t_cap: float,
-    basis: NoiseBasis | None = None,
+    basis: NoiseBasis | None = None, at_one: str = "flow_grpo",
 ) -> tuple[Tensor, Tensor]:
     """Mean and std of the Gaussian SDE transition x -> x_next (both fp32, broadcastable to x).
 
@@ -173,12 +186,13 @@ def sde_mean_std(
     fp32: the PPO clip range is ~1e-5 and the log-prob is a mean over ~10^4 elements, so ratios
     differ from 1 by ~1e-6; bf16 rounding of x, v or the mean would swamp that signal.
     With a `basis`, the score correction is projected and std is that of a block mean (std / K).
+    `t_cap`, `at_one`: sigma at t = 1 (`sde_sigma`).
     """
     if x.shape != v.shape:
         raise ValueError(f"v must have x's shape {tuple(x.shape)}, got {tuple(v.shape)}")
     x, v = x.float(), v.float()
     t_b, t_next_b = _as_time(t, x), _as_time(t_next, x)
-    sigma = sde_sigma(t_b, noise_level=noise_level, t_cap=t_cap).to(x.device)
+    sigma = sde_sigma(t_b, noise_level=noise_level, t_cap=t_cap, at_one=at_one).to(x.device)
     dt = t_next_b - t_b
     score_term = x + (1.0 - t_b) * v
     if basis is not None:
@@ -230,6 +244,7 @@ def sde_step(
     eps: Tensor | None = None,
     generator: torch.Generator | None = None,
     basis: NoiseBasis | None = None,
+    at_one: str = "flow_grpo",
 ) -> SDEStep:
     """Sample x_next = mean + std * eps from the SDE transition and score it (see `sde_mean_std`).
 
@@ -242,7 +257,7 @@ def sde_step(
         x_next = euler_step(x, v, t, t_next)
         zeros = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
         return SDEStep(x_next=x_next, mean=x_next, std=torch.zeros((), device=x.device), logp=zeros)
-    mean, std = sde_mean_std(x, v, t, t_next, noise_level=noise_level, t_cap=t_cap, basis=basis)
+    mean, std = sde_mean_std(x, v, t, t_next, noise_level=noise_level, t_cap=t_cap, basis=basis, at_one=at_one)
     shape = x.shape if basis is None else basis.means(x).shape
     if eps is None:
         eps = torch.randn(shape, generator=generator, dtype=torch.float32, device=x.device)
@@ -255,7 +270,7 @@ def sde_step(
 
 def step_logp(
     x: Tensor, v: Tensor, t: TimeLike, t_next: TimeLike, x_next: Tensor, *, noise_level: float, t_cap: float,
-    basis: NoiseBasis | None = None,
+    basis: NoiseBasis | None = None, at_one: str = "flow_grpo",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Score a stored transition x -> x_next under velocity v: (logp (B,), mean, std).
 
@@ -264,8 +279,11 @@ def step_logp(
     """
     if not noise_level > 0:
         raise ValueError(f"noise_level must be > 0 to score a transition, got {noise_level!r}")
-    mean, std = sde_mean_std(x, v, t, t_next, noise_level=noise_level, t_cap=t_cap, basis=basis)
+    mean, std = sde_mean_std(x, v, t, t_next, noise_level=noise_level, t_cap=t_cap, basis=basis, at_one=at_one)
     return gaussian_logp(*_explored(basis, x_next, mean), _explored_std(basis, std)), mean, std
+
+
+KL_SCALES = ("flow_grpo", "exact")
 
 
 def kl_to_reference(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
@@ -274,7 +292,9 @@ def kl_to_reference(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
         kl_b = mean_i (mu_theta,i - mu_ref,i)^2 / (2 std^2)
 
     Same std on both sides (it depends only on t), so only the means differ. Averaged like
-    `gaussian_logp`, so it is on the same per-element scale as the log-prob.
+    `gaussian_logp`, so it is on the same per-element scale as the log-prob. With the transition's
+    std = sigma_t * sqrt(-dt) this is the exact KL of the two transitions; Flow-GRPO's code divides
+    by 2 sigma_t^2 instead, i.e. its KL is (-dt) times this one (`transition_kl`).
     """
     if mean.shape != mean_ref.shape:
         raise ValueError(f"mean_ref must have mean's shape {tuple(mean.shape)}, got {tuple(mean_ref.shape)}")
@@ -282,17 +302,38 @@ def kl_to_reference(mean: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
     return kl.mean(dim=tuple(range(1, mean.dim())))
 
 
+def transition_kl(mean: Tensor, mean_ref: Tensor, std: Tensor, dt: TimeLike, *, scale: str = "flow_grpo") -> Tensor:
+    """The per-step KL penalty to the reference transition -> (B,), on one of two scales:
+
+        "exact":     kl_to_reference(mean, mean_ref, std)           ||dmu||^2 / (2 sigma_t^2 (-dt))
+        "flow_grpo": (-dt) * kl_to_reference(mean, mean_ref, std)   ||dmu||^2 / (2 sigma_t^2), what
+                     Flow-GRPO's training code computes (it divides by its std_dev_t = sigma_t, not by
+                     the transition's std): a `kl_weight` from a Flow-GRPO config means the same here
+                     only on this scale. The exact KL is 1 / (-dt) times larger (10-50x at 10-16 steps).
+
+    dt = t_next - t < 0: a float, a 0-d tensor or per-sample (B,).
+    """
+    if scale not in KL_SCALES:
+        raise ValueError(f"scale must be one of {KL_SCALES}, got {scale!r}")
+    kl = kl_to_reference(mean, mean_ref, std)
+    if scale == "exact":
+        return kl
+    dt = torch.as_tensor(dt, dtype=torch.float32, device=kl.device)
+    if not bool((dt < 0).all()):
+        raise ValueError(f"dt = t_next - t must be < 0, got {dt!r}")
+    return -dt * kl
+
+
 # --------------------------------------------------------------------------- whole path
 
-def sde_window(
-    num_steps: int, *, window_size: int, start_range: tuple[int, int], generator: torch.Generator | None = None
-) -> range:
-    """The K = window_size consecutive SDE (trained) steps, start ~ Uniform{start_range[0]..start_range[1]}.
+def check_window(num_steps: int, *, window_size: int, start_range: tuple[int, int] | list[int]) -> None:
+    """ValueError unless every window `sde_window` can draw lies inside [0, num_steps - 2].
 
     The window never contains the last step (num_steps - 1): its end start + K - 1 must be
-    <= num_steps - 2 for every start in the range, else ValueError. RT2I: 16 steps, K = 10,
-    start in (0, 1); SRR: 40 steps, K = 5, start in (0, 14).
+    <= num_steps - 2 for every start in the range.
     """
+    if len(start_range) != 2:
+        raise ValueError(f"start_range must be (lo, hi), got {start_range!r}")
     lo, hi = start_range
     if not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps must be an int >= 2, got {num_steps!r}")
@@ -305,6 +346,18 @@ def sde_window(
             f"start_range {start_range!r} with window_size {window_size} reaches step "
             f"{hi + window_size - 1}; the window must end before the last step {num_steps - 1}"
         )
+
+
+def sde_window(
+    num_steps: int, *, window_size: int, start_range: tuple[int, int], generator: torch.Generator | None = None
+) -> range:
+    """The K = window_size consecutive SDE (trained) steps, start ~ Uniform{start_range[0]..start_range[1]}.
+
+    `check_window` must hold (the window ends before the last step). RT2I: 16 steps, K = 10,
+    start in (0, 1); SRR: 40 steps, K = 5, start in (0, 14).
+    """
+    check_window(num_steps, window_size=window_size, start_range=start_range)
+    lo, hi = start_range
     start = int(torch.randint(lo, hi + 1, (1,), generator=generator))
     return range(start, start + window_size)
 
@@ -319,6 +372,7 @@ class FlowTrajectory:
     logp: Tensor  # (K, B) mean-over-elements log-prob of each SDE transition, in sde_steps order
     noise_level: float  # the `a` in sigma_t
     basis: NoiseBasis | None = None  # block-constant exploration noise (None: every element, Flow-GRPO)
+    sigma_at_one: str = "flow_grpo"  # sigma at t = 1 (sde_sigma's `at_one`)
 
     @property
     def t_cap(self) -> float:
@@ -334,11 +388,13 @@ def sample_flow(
     noise_level: float,
     generator: torch.Generator | None = None,
     basis: NoiseBasis | None = None,
+    sigma_at_one: str = "flow_grpo",
 ) -> FlowTrajectory:
     """Denoise x_init along `timesteps`: SDE steps (sampled and scored) in sde_steps, Euler elsewhere.
 
     velocity_fn(x, t, step_index) -> v of x's shape, with t a 0-d fp32 tensor; guidance (CFG) is
     the caller's business and must be the same function the learner uses. Runs under no_grad.
+    sigma_at_one: the noise at t = 1 (`sde_sigma`); stored in the trajectory for the learner.
     """
     num_steps = timesteps.numel() - 1
     if timesteps.dim() != 1 or num_steps < 1:
@@ -358,7 +414,7 @@ def sample_flow(
                 raise ValueError(f"velocity_fn returned shape {tuple(v.shape)}, expected {tuple(x.shape)}")
             if i in steps:
                 step = sde_step(x, v, t, t_next, noise_level=noise_level, t_cap=t_cap, generator=generator,
-                                basis=basis)
+                                basis=basis, at_one=sigma_at_one)
                 x = step.x_next
                 logps.append(step.logp)
             else:
@@ -367,7 +423,7 @@ def sample_flow(
     logp = torch.stack(logps) if logps else torch.zeros(0, x.shape[0], device=x.device)
     return FlowTrajectory(
         latents=torch.stack(latents), timesteps=timesteps, sde_steps=steps, logp=logp, noise_level=noise_level,
-        basis=basis,
+        basis=basis, sigma_at_one=sigma_at_one,
     )
 
 
@@ -376,7 +432,7 @@ class StepScores:
     """Learner-side scores of stored SDE transitions, in the order of the steps asked for."""
 
     logp: Tensor  # (K, B) mean-over-elements log-prob under the current velocity (differentiable)
-    kl: Tensor | None  # (K, B) KL to the reference transition (kl_to_reference), if a reference was given
+    kl: Tensor | None  # (K, B) KL to the reference transition (transition_kl), if a reference was given
 
 
 def recompute_steps(
@@ -385,13 +441,14 @@ def recompute_steps(
     *,
     ref_velocity_fn: VelocityFn | None = None,
     steps: list[int] | None = None,
+    kl_scale: str = "flow_grpo",
 ) -> StepScores:
     """Score the stored SDE transitions under velocity_fn (with grad, for the learner).
 
     steps defaults to traj.sde_steps and must be a subset of it (ODE steps carry no log-prob).
     With the rollout's velocity_fn and weights, logp equals traj.logp (ratio 1 on-policy).
     ref_velocity_fn (e.g. the base weights, LoRA off; evaluated without grad) adds the per-step
-    KL ||mu_theta - mu_ref||^2 / (2 std^2) of the same transition.
+    KL to the reference's transition on `kl_scale` ("flow_grpo" or "exact", see `transition_kl`).
     """
     steps = list(traj.sde_steps) if steps is None else list(steps)
     if not set(steps) <= set(traj.sde_steps):
@@ -403,15 +460,16 @@ def recompute_steps(
         x, t, t_next = traj.latents[i], traj.timesteps[i], traj.timesteps[i + 1]
         logp, mean, std = step_logp(
             x, velocity_fn(x, t, i), t, t_next, traj.latents[i + 1], noise_level=traj.noise_level, t_cap=t_cap,
-            basis=traj.basis,
+            basis=traj.basis, at_one=traj.sigma_at_one,
         )
         logps.append(logp)
         if ref_velocity_fn is not None:
             with torch.no_grad():
-                mean_ref, _ = sde_mean_std(x, ref_velocity_fn(x, t, i), t, t_next,
-                                           noise_level=traj.noise_level, t_cap=t_cap, basis=traj.basis)
+                mean_ref, _ = sde_mean_std(x, ref_velocity_fn(x, t, i), t, t_next, noise_level=traj.noise_level,
+                                           t_cap=t_cap, basis=traj.basis, at_one=traj.sigma_at_one)
             # with a basis the two Gaussians live on the block means
-            kls.append(kl_to_reference(*_explored(traj.basis, mean, mean_ref), _explored_std(traj.basis, std)))
+            kls.append(transition_kl(*_explored(traj.basis, mean, mean_ref), _explored_std(traj.basis, std),
+                                     t_next - t, scale=kl_scale))
     empty = torch.zeros(0, traj.latents.shape[1], device=traj.latents.device)
     return StepScores(logp=torch.stack(logps) if logps else empty,
                       kl=(torch.stack(kls) if kls else empty) if ref_velocity_fn is not None else None)

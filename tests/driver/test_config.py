@@ -28,6 +28,11 @@ def test_dotlist_overrides_and_config_file(tmp_path):
     ("data.group_size=1", ["data.group_size", ">= 2"]),
     ("reward.mode=max", ["reward.mode", "geometric"]),
     ("policy.flow.window_size=20", ["policy.flow.window_size", "num_steps"]),
+    # 10 steps (default.yaml), window 4 from step 6: reaches step 9, the last one (issue 15)
+    ("policy.flow.window_start=[0,6]", ["policy.flow.window_start", "[0, 6]", "last step 9"]),
+    ("policy.flow.window_start=[0,1,2]", ["policy.flow.window_start", "(lo, hi)"]),
+    ("policy.flow.sigma_at_one=clamp", ["policy.flow.sigma_at_one", "flow_grpo", "capped"]),
+    ("trainer.loss.image_kl_scale=nats", ["trainer.loss.image_kl_scale", "flow_grpo", "exact"]),
     ("policy.checkpoint=/nonexistent", ["policy.checkpoint", "/nonexistent"]),
     ("trainer.groups_per_step=3", ["trainer.groups_per_step", "world_size"]),
     ("eval.images_per_prompt=0", ["eval.images_per_prompt", ">= 1"]),
@@ -47,6 +52,11 @@ def test_bad_values_name_the_key(override, names):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load([f"config={tmp_path / 'nope.yaml'}"])
+
+
+def test_the_last_window_that_fits_is_accepted():
+    cfg = load(["policy.flow.window_start=[0,5]"])        # 10 steps, window 4: ends at step 8
+    assert list(cfg.policy.flow.window_start) == [0, 5] and cfg.policy.flow.sigma_at_one == "flow_grpo"
 
 
 def test_sync_mode_does_not_need_divisible_learner_shards():

@@ -65,20 +65,34 @@ def test_sample_group_is_deterministic_and_judgeable(small):
     assert list(meta1.judged) == judge_group(img1, req.prompt)
 
 
-def test_groups_loss_is_on_policy_and_moves_weights_with_the_advantage(small):
+def test_groups_loss_is_on_policy_and_its_gradient_is_the_policy_gradient(small):
+    """The trainer's loss over groups: at ratio 1 its value is -mean(A) per group, averaged over groups,
+    and its gradient equals the policy gradient written from the method's definition
+    (tests/grpo/surrogate.py) -- direction and size, not only that a gradient exists."""
+    from grpo.policy import recompute
+    from tests.grpo.surrogate import flat_grads, policy_gradient_surrogate
+
     cfg, model, tok = small
     s = settings_from(cfg)
     stream = PromptStream(["colors"], seed=1, canvas_size=32)
     pays = [sample_group(model, tok, stream.next_request(group_size=3, base_seed=1, policy_version=0), s)[1]
             for _ in range(2)]
-    adv = [[1.0, -1.0, 0.0], [0.5, 0.0, -0.5]]
+    adv = [[1.0, -0.5, 0.25], [0.5, 0.25, -1.0]]
     loss, stats = groups_loss(model, pays, adv, s)
-    # on-policy every ratio is 1, so the clipped surrogate is -mean(advantage) = 0 here
-    assert abs(stats["loss"]) < 1e-4 and torch.isfinite(loss)
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
-    model.zero_grad(set_to_none=True)
+    want_value = sum(-sum(a) / len(a) for a in adv) / len(adv)
+    assert stats["loss"] == pytest.approx(want_value, abs=1e-6) and stats["image_clip_frac"] == 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    surrogate = 0.0
+    for pay, a in zip(pays, adv):
+        r = recompute(model, pay.draw_prompts, pay.rollout, think=s.think, cfg=s.flow.cfg)
+        surrogate = surrogate + policy_gradient_surrogate(
+            image_logp=r.image_logp, text_logp=r.text_logp, text_mask=pay.rollout.think.mask,
+            adv=torch.tensor(a), mode="rt2i") / len(pays)
+    want = torch.autograd.grad(surrogate, params, allow_unused=True)
+    g_got, g_want = flat_grads(got, params), flat_grads(want, params)
+    assert g_want.norm() > 0
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6 * float(g_want.abs().max()))
     with pytest.raises(ValueError, match="2 groups but 1"):
         groups_loss(model, pays, adv[:1], s)
 

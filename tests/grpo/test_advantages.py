@@ -71,6 +71,22 @@ def test_zero_variance_reported_and_dropped():
 def test_all_equal_batch_gives_zero_not_nan():
     res = compute_advantages(torch.ones(6), torch.tensor([0, 0, 0, 1, 1, 1]))
     assert torch.equal(res.adv, torch.zeros(6))
+    # without eps the guard alone keeps 0 / 0 out
+    for scope in ("batch", "group"):
+        res = compute_advantages(torch.ones(6), torch.tensor([0, 0, 0, 1, 1, 1]), std_scope=scope, eps=0.0)
+        assert torch.equal(res.adv, torch.zeros(6)), scope
+
+
+def test_rounding_noise_inside_a_group_is_not_amplified_into_a_signal():
+    """Rewards that differ only by float noise (<= zero_variance_tol) are one reward: advantage 0. Per-group
+    std would otherwise blow the noise up to +-1 (and the clip would not stop it)."""
+    rewards = torch.tensor([0.5, 0.5 + 3e-9, 0.5 - 2e-9, 0.2, 0.9, 0.4], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    res = compute_advantages(rewards, groups, std_scope="group", eps=0.0)
+    assert torch.equal(res.adv[:3], torch.zeros(3)) and res.zero_variance_groups == [0]
+    want = _loop_advantages(rewards.tolist(), groups.tolist(), std_scope="group", eps=0.0, clip=5.0)
+    assert torch.allclose(res.adv, torch.tensor(want, dtype=torch.float32), atol=1e-6)
+    assert res.adv[3:].abs().max() > 0.5
 
 
 @pytest.mark.parametrize(

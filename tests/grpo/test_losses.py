@@ -1,4 +1,6 @@
 """grpo.losses: descent direction on toy policies, per-sample independence, clipping, shapes."""
+import math
+
 import pytest
 import torch
 
@@ -80,6 +82,24 @@ def test_image_loss_formula_mask_and_kl():
     assert torch.allclose(loss[mask], want[mask]) and loss[1, 1] == 0.0
     assert stats.clipfrac == pytest.approx(3 / 5) and stats.kl == pytest.approx(0.5)
     assert stats.ratio_max == pytest.approx(float(r[mask].max()))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_masked_steps_with_garbage_logp_give_a_finite_loss_and_gradient(bad):
+    """A masked step's log-prob (and KL) may be anything; it must reach neither the loss nor the gradient."""
+    logp = torch.tensor([[1e-6, bad], [bad, -2e-6]], requires_grad=True)
+    logp_old = torch.tensor([[0.0, bad], [0.0, 0.0]])
+    kl = torch.tensor([[0.3, bad], [bad, 0.1]])
+    mask = torch.tensor([[True, False], [False, True]])
+    loss, stats = image_ppo_loss(logp, logp_old, torch.tensor([1.0, -1.0]), step_mask=mask, kl=kl, kl_weight=0.5)
+    assert torch.isfinite(loss).all() and loss[0, 1] == 0.0 and loss[1, 0] == 0.0
+    loss.sum().backward()
+    assert torch.isfinite(logp.grad).all()
+    assert logp.grad[0, 1] == 0.0 and logp.grad[1, 0] == 0.0
+    # the valid entries are what the formula gives, untouched by the garbage beside them
+    assert loss[0, 0].item() == pytest.approx(-math.exp(1e-6) + 0.5 * 0.3, rel=1e-6)
+    assert loss[1, 1].item() == pytest.approx(math.exp(-2e-6) + 0.5 * 0.1, rel=1e-6)
+    assert stats.ratio_max == pytest.approx(float(torch.exp(logp.detach()[0, 0])))
 
 
 @pytest.mark.parametrize("adv_sign,ratio_side,grad_zero", [

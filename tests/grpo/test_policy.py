@@ -9,6 +9,7 @@ from grpo.policy import FlowConfig, LossConfig, ThinkConfig, grpo_loss, recomput
 from umm.context import DrawPrompt, Text
 from umm.guidance import CFGConfig
 
+from tests.grpo.surrogate import flat_grads, policy_gradient_surrogate
 from tests.umm.helpers import tiny_model
 
 THINK = ThinkConfig(max_new_tokens=6, temperature=1.0, top_p=0.9)
@@ -26,16 +27,19 @@ def _rollout(model, prompts, seed=0, flow=FLOW):
     return rollout(model, prompts, hw=HW, think=THINK, flow=flow, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("batch,noise_block", [(1, 1), (4, 1), (4, 2)])
-def test_on_policy_ratio_is_one_for_text_and_every_trained_step(batch, noise_block):
+@pytest.mark.parametrize("batch,noise_block,temperature", [(1, 1, 1.0), (4, 1, 1.0), (4, 2, 1.0), (1, 1, 0.7),
+                                                          (4, 1, 0.7)])
+def test_on_policy_ratio_is_one_for_text_and_every_trained_step(batch, noise_block, temperature):
     model = tiny_model()
     prompts = _prompts(batch)
-    ro = _rollout(model, prompts, flow=replace(FLOW, noise_block=noise_block))
+    think = replace(THINK, temperature=temperature)      # the learner must score at the sampling temperature
+    ro = rollout(model, prompts, hw=HW, think=think, flow=replace(FLOW, noise_block=noise_block),
+                 generator=torch.Generator().manual_seed(0))
     assert (ro.flow.basis is None) == (noise_block == 1)
     assert ro.flow.logp.shape == (FLOW.window_size, batch)
     assert ro.flow.latents.dtype == torch.float32 and ro.think.logp.dtype == torch.float32
     with torch.no_grad():
-        r = recompute(model, prompts, ro, think=THINK, cfg=FLOW.cfg)
+        r = recompute(model, prompts, ro, think=think, cfg=FLOW.cfg)
     text_logp, image_logp = r.text_logp, r.image_logp
     seq_ratio = torch.exp(((text_logp - ro.think.logp) * ro.think.mask).sum(1) / ro.think.mask.sum(1))
     assert (seq_ratio - 1).abs().max() < 1e-6
@@ -92,6 +96,30 @@ def test_one_step_moves_text_and_image_logprobs_with_the_advantage(sign):
     d_image = (image_logp - ro.flow.logp).mean(0)
     assert sign * d_text[0] > 0, d_text
     assert sign * d_image[0] > 0, d_image
+
+
+@pytest.mark.parametrize("mode,with_think", [("rt2i", True), ("srr", True), ("rt2i", False)])
+def test_loss_value_and_gradient_are_the_on_policy_policy_gradient(mode, with_think):
+    """grpo_loss against the objective written from its definition (tests/grpo/surrogate.py): at ratio 1
+    its value is -mean(A) and its gradient is that of the trajectory-weighted log-prob sum. Catches a
+    dropped text term, a wrong text weight for the mode and a flipped sign on either term."""
+    model = tiny_model()
+    model.vae.requires_grad_(False)
+    prompts = _prompts(3)
+    think = THINK if with_think else None
+    ro = rollout(model, prompts, hw=HW, think=think, flow=FLOW, generator=torch.Generator().manual_seed(5))
+    adv = torch.tensor([1.0, -0.5, 0.25])
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = grpo_loss(model, prompts, ro, adv, think=think, cfg=FLOW.cfg, loss=LossConfig(mode=mode))
+    assert res.loss.item() == pytest.approx(-adv.mean().item(), abs=1e-6)
+    got = torch.autograd.grad(res.loss, params, allow_unused=True)
+    r = recompute(model, prompts, ro, think=think, cfg=FLOW.cfg)
+    surrogate = policy_gradient_surrogate(image_logp=r.image_logp, text_logp=r.text_logp if with_think else None,
+                                          text_mask=ro.think.mask, adv=adv, mode=mode)
+    want = torch.autograd.grad(surrogate, params, allow_unused=True)
+    g_got, g_want = flat_grads(got, params), flat_grads(want, params)
+    assert g_want.norm() > 0
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6 * float(g_want.abs().max()))
 
 
 def test_zero_advantage_gives_zero_gradient():

@@ -19,6 +19,7 @@ from grpo.sde import (
     step_logp,
     t_cap_of,
     timestep_schedule,
+    transition_kl,
 )
 
 SHAPE = torch.Size((4, 3, 5, 5))
@@ -46,18 +47,65 @@ def test_schedule_rejects_bad_args(kwargs, name):
         timestep_schedule(**kwargs)
 
 
-def test_sigma_formula_and_cap_at_t_equal_one():
+def test_sigma_formula_and_both_conventions_at_t_equal_one():
     ts = timestep_schedule(10)
     t_cap = t_cap_of(ts)
     assert t_cap == ts[1].item()
-    for t in [0.3, 0.7, t_cap]:
-        assert sde_sigma(t, noise_level=0.7, t_cap=t_cap).item() == pytest.approx(0.7 * math.sqrt(t / (1 - t)), rel=1e-6)
-    at_one = sde_sigma(1.0, noise_level=0.7, t_cap=t_cap)
-    assert torch.isfinite(at_one) and at_one == sde_sigma(t_cap, noise_level=0.7, t_cap=t_cap)
+    for at_one in ("flow_grpo", "capped"):
+        for t in [0.3, 0.7, t_cap]:       # below the cap both are the formula itself
+            got = sde_sigma(t, noise_level=0.7, t_cap=t_cap, at_one=at_one).item()
+            assert got == pytest.approx(0.7 * math.sqrt(t / (1 - t)), rel=1e-6)
+    # t = 1: Flow-GRPO's code caps only the denominator, "capped" uses sigma(t_cap) whole
+    theirs = sde_sigma(1.0, noise_level=0.7, t_cap=t_cap)
+    assert theirs.item() == pytest.approx(0.7 * math.sqrt(1 / (1 - t_cap)), rel=1e-6)
+    capped = sde_sigma(1.0, noise_level=0.7, t_cap=t_cap, at_one="capped")
+    assert capped == sde_sigma(t_cap, noise_level=0.7, t_cap=t_cap)
+    assert (theirs / capped).item() == pytest.approx(1 / math.sqrt(t_cap), rel=1e-6)
+    # the factors quoted in the docstring
+    for steps, shift, factor in [(16, 3.0, 1.011), (10, 1.0, 1.054)]:
+        tc = t_cap_of(timestep_schedule(steps, shift=shift))
+        ratio = sde_sigma(1.0, noise_level=1.0, t_cap=tc) / sde_sigma(1.0, noise_level=1.0, t_cap=tc, at_one="capped")
+        assert ratio.item() == pytest.approx(factor, abs=1e-3)
     with pytest.raises(ValueError, match="t_cap"):
         sde_sigma(0.5, noise_level=0.7, t_cap=1.0)
     with pytest.raises(ValueError, match="noise_level"):
         sde_sigma(0.5, noise_level=-1.0, t_cap=0.9)
+    with pytest.raises(ValueError, match="at_one"):
+        sde_sigma(0.5, noise_level=0.7, t_cap=0.9, at_one="clamp")
+
+
+def _flow_grpo_step(x, v, sigmas, i, noise_level, x_next):
+    """Flow-GRPO's SDE step as its paper and released code define it, in float64, on a sigma table
+    (sigmas[0] = 1): std_dev_t = a sqrt(s / (1 - (s_max if s == 1 else s))), s_max = sigmas[1];
+    mean = x (1 + std^2 dt / (2 s)) + v (1 + std^2 (1 - s) / (2 s)) dt; log-prob of x_next under
+    N(mean, (std sqrt(-dt))^2), mean over elements."""
+    x, v, x_next = x.double(), v.double(), x_next.double()
+    s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    dt = s_next - s
+    std_dev_t = noise_level * math.sqrt(s / (1 - (float(sigmas[1]) if s == 1 else s)))
+    mean = x * (1 + std_dev_t**2 / (2 * s) * dt) + v * (1 + std_dev_t**2 * (1 - s) / (2 * s)) * dt
+    std = std_dev_t * math.sqrt(-dt)
+    logp = (-((x_next - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi))
+    return mean, std, logp.mean(dim=tuple(range(1, x.dim()))), std_dev_t
+
+
+@pytest.mark.parametrize("num_steps,shift", [(16, 3.0), (10, 1.0)])
+def test_default_step_equals_flow_grpo_on_every_step_including_t_equal_one(num_steps, shift):
+    ts = timestep_schedule(num_steps, shift=shift)
+    t_cap = t_cap_of(ts)
+    for i in range(num_steps - 1):
+        x, v = _xv(20 + i)
+        eps = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i))
+        step = sde_step(x, v, ts[i], ts[i + 1], noise_level=0.7, t_cap=t_cap, eps=eps)
+        mean, std, logp, _ = _flow_grpo_step(x, v, ts, i, 0.7, step.x_next)
+        torch.testing.assert_close(step.mean.double(), mean, atol=2e-6, rtol=0)
+        assert float(step.std) == pytest.approx(std, rel=1e-6)
+        torch.testing.assert_close(step.logp.double(), logp, atol=1e-5, rtol=0)
+        capped = sde_step(x, v, ts[i], ts[i + 1], noise_level=0.7, t_cap=t_cap, eps=eps, at_one="capped")
+        if i == 0:     # the conventions differ at t = 1 only
+            assert float(capped.std) == pytest.approx(std * math.sqrt(t_cap), rel=1e-6)
+        else:
+            assert torch.equal(capped.x_next, step.x_next) and torch.equal(capped.logp, step.logp)
 
 
 def test_mean_std_matches_hand_formula_float_and_per_sample_t():
@@ -139,6 +187,51 @@ def test_kl_to_reference_formula():
     assert torch.equal(kl_to_reference(m, m, std), torch.zeros(4))
 
 
+def test_transition_kl_scales_exact_and_flow_grpo():
+    """"exact" is the two transitions' Gaussian KL (std = sigma_t sqrt(-dt)); "flow_grpo" is the code's
+    ||dmu||^2 mean / (2 std_dev_t^2) with std_dev_t = sigma_t, i.e. (-dt) times the exact one."""
+    ts = timestep_schedule(16)
+    t_cap = t_cap_of(ts)
+    x, v = _xv(11)
+    _, v_ref = _xv(12)
+    for i in (0, 3, 9):
+        t, t_next = ts[i], ts[i + 1]
+        mean, std = sde_mean_std(x, v, t, t_next, noise_level=0.7, t_cap=t_cap)
+        mean_ref, _ = sde_mean_std(x, v_ref, t, t_next, noise_level=0.7, t_cap=t_cap)
+        exact = transition_kl(mean, mean_ref, std, t_next - t, scale="exact")
+        want_exact = torch.stack([Normal(mean[b].double(), float(std)).log_prob(mean[b].double()).mean()
+                                  - Normal(mean_ref[b].double(), float(std)).log_prob(mean[b].double()).mean()
+                                  for b in range(4)])
+        torch.testing.assert_close(exact.double(), want_exact, rtol=1e-4, atol=0)
+        _, _, _, std_dev_t = _flow_grpo_step(x, v, ts, i, 0.7, x)
+        theirs = ((mean.double() - mean_ref.double()) ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev_t**2)
+        got = transition_kl(mean, mean_ref, std, t_next - t)
+        torch.testing.assert_close(got.double(), theirs, rtol=1e-4, atol=0)
+        torch.testing.assert_close(got, exact * float(t - t_next), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="scale"):
+        transition_kl(mean, mean_ref, std, -0.1, scale="nats")
+    with pytest.raises(ValueError, match="dt"):
+        transition_kl(mean, mean_ref, std, 0.1)
+
+
+def test_recompute_steps_kl_uses_the_scale_asked_for():
+    d = SHAPE[1:].numel()
+    w = torch.randn(d, d, generator=torch.Generator().manual_seed(8)) * 0.1
+    ts = timestep_schedule(8)
+    traj = sample_flow(_linear_velocity(w), torch.randn(2, *SHAPE[1:]), timesteps=ts, sde_steps=[0, 2, 4],
+                       noise_level=0.7, generator=torch.Generator().manual_seed(2))
+    ref = _linear_velocity(w * 0.8)
+    exact = recompute_steps(_linear_velocity(w), traj, ref_velocity_fn=ref, kl_scale="exact").kl
+    theirs = recompute_steps(_linear_velocity(w), traj, ref_velocity_fn=ref).kl
+    for row, i in enumerate([0, 2, 4]):
+        x, t, t_next = traj.latents[i], ts[i], ts[i + 1]
+        mean, std = sde_mean_std(x, _linear_velocity(w)(x, t, i), t, t_next, noise_level=0.7, t_cap=t_cap_of(ts))
+        mean_ref, _ = sde_mean_std(x, ref(x, t, i), t, t_next, noise_level=0.7, t_cap=t_cap_of(ts))
+        torch.testing.assert_close(exact[row], kl_to_reference(mean, mean_ref, std))
+        torch.testing.assert_close(theirs[row], exact[row] * float(t - t_next))
+    assert float(exact.min()) > 0
+
+
 def test_window_never_contains_last_step_and_start_in_range():
     for num_steps, k, rng in [(16, 10, (0, 1)), (40, 5, (0, 14)), (3, 1, (0, 1)), (12, 4, (2, 7))]:
         gen = torch.Generator().manual_seed(num_steps)
@@ -159,6 +252,7 @@ def test_window_never_contains_last_step_and_start_in_range():
         (16, {"window_size": 0, "start_range": (0, 1)}, "window_size"),
         (16, {"window_size": 2, "start_range": (3, 1)}, "start_range"),
         (16, {"window_size": 10, "start_range": (0, 6)}, "start_range"),  # would reach step 15
+        (10, {"window_size": 4, "start_range": (0, 6)}, "start_range"),   # reaches step 9, the last
     ],
 )
 def test_window_rejects_bad_args(num_steps, kwargs, name):
@@ -176,15 +270,16 @@ def _linear_velocity(w):
     return fn
 
 
-@pytest.mark.parametrize("batch", [1, 4])
-def test_sample_flow_then_recompute_is_on_policy(batch):
+@pytest.mark.parametrize("batch,at_one", [(1, "flow_grpo"), (4, "flow_grpo"), (4, "capped")])
+def test_sample_flow_then_recompute_is_on_policy(batch, at_one):
     d = SHAPE[1:].numel()
     w = torch.randn(d, d, generator=torch.Generator().manual_seed(8)) * 0.1
     x0 = torch.randn(batch, *SHAPE[1:], generator=torch.Generator().manual_seed(9))
     ts = timestep_schedule(10)
-    window = sde_window(10, window_size=4, start_range=(0, 2), generator=torch.Generator().manual_seed(1))
+    window = range(0, 4)       # includes t = 1, where the conventions differ
     traj = sample_flow(_linear_velocity(w), x0, timesteps=ts, sde_steps=window, noise_level=0.7,
-                       generator=torch.Generator().manual_seed(10))
+                       generator=torch.Generator().manual_seed(10), sigma_at_one=at_one)
+    assert traj.sigma_at_one == at_one
     assert traj.latents.shape == (11, batch, *SHAPE[1:]) and traj.logp.shape == (4, batch)
     assert traj.sde_steps == list(window) and torch.equal(traj.latents[0], x0)
     logp = recompute_logp(_linear_velocity(w), traj)
