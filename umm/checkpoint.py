@@ -5,8 +5,10 @@
                       the model drops the last one, so we write n + 1 and read n - 1
     ema.safetensors   every model tensor except the autoencoder, under BAGEL's names
     ae.safetensors    the autoencoder in the FLUX/LDM layout (none for the pixel-space AE)
-    umm_config.json   our full config (presets, special ids, AE kind); absent in the public release,
-                      where the `bagel-7b-mot` preset supplies what the JSON files do not say
+    umm_config.json   our full config (special ids, AE kind); absent in the public release, whose
+                      sizes `read_config` reads from the JSON files and the tensors' shapes, and whose
+                      special ids come from the folder's tokenizer files (umm.tokenizer)
+    tokenizer files   tokenizer.json, tokenizer_config.json, ...; prompt_format.json (umm.prompting)
 
 Loading is strict: every expected tensor must be present with its shape, and nothing else; the
 error names the file and lists missing / unexpected / mis-shaped keys. No code is executed from
@@ -14,9 +16,10 @@ the directory (no trust_remote_code); tensors come only from safetensors.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
+import math
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from umm.config import LLMConfig, UMMConfig, ViTConfig, preset
+from umm.config import ConfigError, LLMConfig, SpecialTokens, UMMConfig, VAEConfig, ViTConfig
 from umm.errors import CheckpointError, describe_mismatch
 from umm.model import UnifiedModel
 from umm.vae import load_ae, save_ae
@@ -54,25 +57,88 @@ def _pick(d: dict, cls, path: Path) -> dict:
     return {k: v for k, v in d.items() if k in names}
 
 
-def read_config(directory: str | Path, *, base: UMMConfig | str = "bagel-7b-mot") -> UMMConfig:
-    """Our umm_config.json if present; else the public layout's JSON files over `base`, which
-    supplies what those files do not say (AE, latent/ViT grid sizes, special token ids)."""
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, read from its header alone."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise CheckpointError(f"{path}: file not found")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _need(shapes: dict[str, tuple[int, ...]], name: str, path: Path) -> tuple[int, ...]:
+    if name not in shapes:
+        raise CheckpointError(f"{path}: tensor {name!r} not found (needed to read the model's sizes)")
+    return shapes[name]
+
+
+def _side(n: int, name: str, path: Path) -> int:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise CheckpointError(f"{path}: {name} has {n} rows, not a square grid of positions")
+    return side
+
+
+def ae_config(path: Path) -> VAEConfig:
+    """The FLUX-layout autoencoder's sizes from its tensors' shapes (ae.safetensors).
+
+    Levels, channels per level, resnet blocks per level and latent channels are read from the
+    encoder's tensors; GroupNorm's group count is not stored in the file: the largest of 32 (FLUX),
+    16, ..., 1 that divides every level's channels. The latent scale and shift are FLUX's."""
+    shapes = tensor_shapes(path)
+    levels = sorted({int(m[1]) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.block\.0\.conv2", k))})
+    if not levels or levels != list(range(len(levels))):
+        raise CheckpointError(f"{path}: no FLUX-layout encoder levels (encoder.down.<i>.block.0.conv2.weight)")
+    channels = tuple(shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] for i in levels)
+    blocks = len({m[1] for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    z2 = _need(shapes, "encoder.conv_out.weight", path)[0]
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
+    return VAEConfig(kind="kl", downsample=2 ** (len(channels) - 1), z_channels=z2 // 2, block_out_channels=channels,
+                     layers_per_block=blocks, norm_num_groups=groups)
+
+
+def read_config(directory: str | Path, *, tokens: SpecialTokens | None = None) -> UMMConfig:
+    """The model's config from its folder alone, no preset.
+
+    Our umm_config.json when present. Otherwise the public BAGEL layout: the decoder and SigLIP from
+    llm_config.json / vit_config.json; the latent patch, latent and ViT position grids from the tensor
+    shapes in ema.safetensors (vae2llm, latent_pos_embed, vit_pos_embed); the autoencoder from
+    ae.safetensors (`ae_config`); the special ids from the folder's tokenizer (umm.tokenizer), unless
+    `tokens` gives them."""
     directory = Path(directory)
     if (directory / UMM_JSON).exists():
         return UMMConfig.load(directory / UMM_JSON)
     for name in (LLM_JSON, VIT_JSON):
         if not (directory / name).exists():
             raise CheckpointError(f"{directory}: neither {UMM_JSON} nor {name} found")
-    cfg = preset(base) if isinstance(base, str) else copy.deepcopy(base)
     llm = json.loads((directory / LLM_JSON).read_text())
     if "rope_theta" not in llm and isinstance(llm.get("rope_parameters"), dict):
         llm["rope_theta"] = llm["rope_parameters"].get("rope_theta")
     vit = json.loads((directory / VIT_JSON).read_text())
-    cfg.llm = LLMConfig(**_pick(llm, LLMConfig, directory / LLM_JSON))
+    llm_cfg = LLMConfig(**_pick(llm, LLMConfig, directory / LLM_JSON))
     vit_kwargs = _pick(vit, ViTConfig, directory / VIT_JSON)
     vit_kwargs["num_hidden_layers"] -= 1
-    cfg.vit = ViTConfig(**vit_kwargs)
-    return cfg.validate()
+    vae = ae_config(directory / AE)
+    ema = directory / EMA
+    shapes = tensor_shapes(ema)
+    patch_dim = _need(shapes, "vae2llm.weight", ema)[1]
+    patch = math.isqrt(patch_dim // vae.z_channels)
+    if patch * patch * vae.z_channels != patch_dim:
+        raise CheckpointError(f"{ema}: vae2llm.weight takes {patch_dim} inputs, not patch^2 x {vae.z_channels} "
+                              f"latent channels ({directory / AE})")
+    if tokens is None:
+        from umm.tokenizer import load_tokenizer, special_tokens
+        tokens = special_tokens(load_tokenizer(directory))
+    cfg = UMMConfig(llm=llm_cfg, vit=ViTConfig(**vit_kwargs), vae=vae, tokens=tokens, latent_patch_size=patch,
+                    max_latent_size=_side(_need(shapes, "latent_pos_embed.pos_embed", ema)[0],
+                                          "latent_pos_embed.pos_embed", ema),
+                    vit_max_num_patch_per_side=_side(_need(shapes, "vit_pos_embed.pos_embed", ema)[0],
+                                                     "vit_pos_embed.pos_embed", ema))
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{directory}: {e} ({LLM_JSON}, {VIT_JSON}, tokenizer files)") from None
 
 
 def model_state(model: UnifiedModel) -> dict[str, torch.Tensor]:
@@ -89,11 +155,12 @@ def _without_ae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: UnifiedModel, directory: str | Path, *, state: dict[str, torch.Tensor] | None = None,
-                    copy_files: Sequence[Path] = ()) -> Path:
+                    copy_files: Sequence[Path] = (), public_layout: bool = False) -> Path:
     """Write the checkpoint directory (files first to *.tmp, then renamed: never half-written).
     `state`: the tensors to write instead of `model_state(model)` (e.g. `umm.lora.merged_state_dict`);
     autoencoder tensors in it are left to ae.safetensors. `copy_files` (e.g. a tokenizer) are copied
-    in under their own names the same way."""
+    in under their own names the same way. `public_layout`: no umm_config.json, as BAGEL publishes it
+    (then the folder must carry the tokenizer the special ids are read from)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model_state(model) if state is None else _without_ae(state)
@@ -101,8 +168,9 @@ def save_pretrained(model: UnifiedModel, directory: str | Path, *, state: dict[s
     writes = [(EMA, lambda p: save_file(state, str(p), metadata={"format": "pt"})),
               (LLM_JSON, lambda p: p.write_text(json.dumps(_llm_json(model.cfg.llm), indent=2))),
               (VIT_JSON, lambda p: p.write_text(json.dumps(_vit_json(model.cfg.vit), indent=2))),
-              (UMM_JSON, lambda p: model.cfg.save(p)),
               (AE, lambda p: save_ae(model.vae, p))]
+    if not public_layout:
+        writes.append((UMM_JSON, lambda p: model.cfg.save(p)))
     writes += [(src.name, lambda p, src=src: shutil.copyfile(src, p)) for src in map(Path, copy_files)]
     for name, write in writes:
         tmp = directory / (name + ".tmp")
@@ -123,14 +191,14 @@ def check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor
 
 
 def load_pretrained(directory: str | Path, *, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", base: UMMConfig | str = "bagel-7b-mot") -> UnifiedModel:
-    """Build the model from a checkpoint directory (ours, or the public BAGEL-7B-MoT one with
-    `base` filling in what its JSON files do not say). Weights are materialised straight from the
-    file (the model is built on the meta device first), so a 14B checkpoint is read once."""
+                    device: str | torch.device = "cpu", tokens: SpecialTokens | None = None) -> UnifiedModel:
+    """Build the model from a checkpoint directory (ours, or any public BAGEL-layout one: see
+    `read_config`). Weights are materialised straight from the file (the model is built on the meta
+    device first), so a 14B checkpoint is read once."""
     directory = Path(directory)
     if not (directory / EMA).exists():
         raise CheckpointError(f"{directory / EMA}: file not found")
-    cfg = read_config(directory, base=base)
+    cfg = read_config(directory, tokens=tokens)
     with torch.device("meta"):
         model = UnifiedModel(cfg)
     expected = model_state(model)

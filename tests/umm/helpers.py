@@ -8,11 +8,19 @@ from umm.config import preset
 from umm.model import UnifiedModel
 
 
-def tiny_model(*, seed: int = 0, qk_norm: bool = True, scale: float = 0.5) -> UnifiedModel:
-    """The tiny preset with every weight random (BAGEL zero-inits llm2vae and the norms are ones,
-    which would hide bugs: a zero velocity head makes every image test pass trivially)."""
-    torch.manual_seed(seed)
+def public_tiny_config():
+    """The tiny preset with what a public-layout folder implies for the parts its files do not store
+    (umm.checkpoint.ae_config): FLUX's latent scale and shift, GroupNorm groups 16 for 16 channels."""
     cfg = preset("tiny")
+    cfg.vae.norm_num_groups, cfg.vae.scaling_factor, cfg.vae.shift_factor = 16, 0.3611, 0.1159
+    return cfg.validate()
+
+
+def tiny_model(*, seed: int = 0, qk_norm: bool = True, scale: float = 0.5, cfg=None) -> UnifiedModel:
+    """The tiny preset (or `cfg`) with every weight random (BAGEL zero-inits llm2vae and the norms are
+    ones, which would hide bugs: a zero velocity head makes every image test pass trivially)."""
+    torch.manual_seed(seed)
+    cfg = preset("tiny") if cfg is None else cfg
     cfg.llm.qk_norm = qk_norm
     model = UnifiedModel(cfg)
     with torch.no_grad():

@@ -11,7 +11,7 @@ from umm.context import Text, encode_context
 from umm.errors import CheckpointError
 from umm.vae import build_vae, diffusers_to_flux_ae
 
-from tests.umm.helpers import rand_image, tiny_model
+from tests.umm.helpers import public_tiny_config, rand_image, tiny_model
 
 
 def bagel_tensor_names(n_layers: int, n_vit_layers: int) -> list[str]:
@@ -78,9 +78,11 @@ def _outputs(model):
 
 
 def test_public_layout_loads_and_reproduces_outputs(tmp_path):
-    model = tiny_model()
+    """No preset: every size is read from the JSON files and the tensors' shapes (the ids are given
+    here: this folder has no tokenizer; tests/umm/test_tokenizer.py reads them from one)."""
+    model = tiny_model(cfg=public_tiny_config())
     d = _write_public_layout(tmp_path, model)
-    loaded = load_pretrained(d, base=preset("tiny"))
+    loaded = load_pretrained(d, tokens=model.cfg.tokens)
     assert loaded.cfg == model.cfg
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
@@ -114,7 +116,8 @@ def test_pixel_autoencoder_preset_round_trip(tmp_path):
 
 @pytest.mark.parametrize("damage", ["missing", "misnamed", "shape"])
 def test_damaged_checkpoint_names_the_tensor_and_the_file(tmp_path, damage):
-    d = _write_public_layout(tmp_path, tiny_model())
+    model = tiny_model(cfg=public_tiny_config())
+    d = _write_public_layout(tmp_path, model)
     state = load_file(str(d / "ema.safetensors"))
     key = "language_model.model.layers.1.self_attn.k_proj_moe_gen.weight"
     if damage == "missing":
@@ -125,7 +128,7 @@ def test_damaged_checkpoint_names_the_tensor_and_the_file(tmp_path, damage):
         state[key] = torch.zeros(3, 3)
     save_file(state, str(d / "ema.safetensors"))
     with pytest.raises(CheckpointError) as e:
-        load_pretrained(d, base=preset("tiny"))
+        load_pretrained(d, tokens=model.cfg.tokens)
     msg = str(e.value)
     assert "ema.safetensors" in msg and key in msg
     if damage == "misnamed":
