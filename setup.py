@@ -27,10 +27,16 @@ setup(
     version="0.1.0",
     description="GRPO for unified multimodal models (BAGEL-style AR + rectified flow) on Ray",
     python_requires=">=3.11",
-    packages=find_packages(include=["umm*", "grpo*", "shapes*", "actors*", "driver*",
+    packages=find_packages(include=["umm*", "grpo*", "worlds*", "shapes*", "actors*", "driver*",
                                     "reward_service*", "cluster*"]),
     include_package_data=True,
     install_requires=CORE,
+    # plugins the trainer finds by name (worlds.load, umm.tokenizer): the embedded shapes world and its
+    # word-level tokenizer; a user's own world registers the same way from its own package
+    entry_points={
+        "alphagrpo.worlds": ["shapes = shapes.plugin:ShapesWorld"],
+        "alphagrpo.tokenizers": ["shapes = shapes.tokenizer:ShapesTokenizer"],
+    },
     extras_require={
         "test": ["pytest==9.2.0", "hypothesis==6.170.17"],
         # GPU machines serve the reward models with the CUDA vLLM build.

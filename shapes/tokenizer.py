@@ -137,3 +137,36 @@ def turn_ids(tok: Tokenizer, role: str, text: str) -> list[int]:
 def encode_turn(tok: Tokenizer, role: str, text: str) -> list[int]:
     """<|im_start|> role text <|im_end|> as ids (role: system, user or assistant)."""
     return [IM_START_ID, *turn_ids(tok, role, text), IM_END_ID]
+
+
+class ShapesTokenizer:
+    """The world's tokenizer behind the trainer's tokenizer interface (umm.tokenizer.TextTokenizer);
+    registered as the `shapes` kind of the `alphagrpo.tokenizers` entry-point group, so a checkpoint
+    whose prompt_format.json says `"tokenizer": "shapes"` loads with it."""
+
+    def __init__(self, tok: Tokenizer, *, source: str = "shapes.tokenizer") -> None:
+        check_special_ids(tok)
+        self.tok, self.source = tok, source
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path) -> "ShapesTokenizer":
+        path = Path(directory) / "tokenizer.json"
+        if not path.exists():
+            raise ValueError(f"{path}: not found (a shapes checkpoint carries its tokenizer.json)")
+        return cls(load(path), source=str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return encode(self.tok, text)
+
+    def decode(self, ids) -> str:
+        """Ids past the vocabulary (the model's is padded) read as <unk>."""
+        return decode(self.tok, [i if self.tok.id_to_token(int(i)) is not None else UNK_ID for i in map(int, ids)])
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def pad_token(self) -> str:
+        return SPECIALS[PAD_ID]
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size()
