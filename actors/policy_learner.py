@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actors.learner import LearnerWorker, StepResult
-from driver.stages import GroupPayload, PolicySettings, groups_loss
+from grpo.groups import GroupPayload, PolicySettings, groups_loss
 
 
 @dataclass(kw_only=True)

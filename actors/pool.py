@@ -51,6 +51,7 @@ class PoolConfig:
     #                                other in-flight calls (an actor runs one call at a time)
     max_attempts: int = 3          # attempts per request, the first included (1 = never retry)
     start_timeout_s: float = 600.0 # an actor not answering this long after its (re)start is broken
+    env: dict[str, str] = field(default_factory=dict)   # the actors' environment variables (Ray runtime_env)
     ray_task_retries: int = 0      # max_task_retries: Ray's own re-runs of a call whose actor died.
     #   0 (default): every failure reaches the pool, which counts it and retries on another actor
     #   at once; > 0: Ray waits for the restart and re-runs the call on the same actor, invisible
@@ -270,9 +271,10 @@ class ActorPool:
         self.worker_cls = worker_cls
         self.config = config
         self.name = name or worker_cls.__name__
+        env = {"runtime_env": {"env_vars": dict(config.env)}} if config.env else {}
         actor_cls = ray.remote(worker_cls).options(
             num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_restarts=-1,
-            max_task_retries=config.ray_task_retries, max_concurrency=1)
+            max_task_retries=config.ray_task_retries, max_concurrency=1, **env)
         now = time.monotonic()
         self._actors = [_ActorState(handle=actor_cls.remote(*init_args, **(init_kwargs or {})),
                                     load=ActorLoad(in_flight=0, state="starting"), since=now)

@@ -1,44 +1,70 @@
-"""RolloutWorker: holds a copy of the policy, samples GRPO groups, receives weight broadcasts.
+"""RolloutWorker: holds a copy of the policy, samples GRPO groups, draws held-out images, receives
+weight broadcasts.
 
-A thin shell over `driver.stages.sample_group`. A group comes back as three objects (Ray
-`num_returns=3`): small metadata for the driver, the trajectories for the learner, the images for the
-verifier; the last two stay in the object store and only their refs move.
+A thin shell over grpo.groups (`sample_group`, `draw_heldout`). A group comes back as separate
+objects (Ray `num_returns`): small metadata for the driver, the trajectories for the learner, one
+object per image for the verifiers; the last two stay in the object store and only their refs move.
 
 The worker samples only with the weights the driver expects: a request names the policy version,
 and a worker holding another version (or whose last broadcast failed its checksum) refuses.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from driver.config import Config
-from driver.stages import GroupRequest, heldout_verdicts, load_policy, sample_group, settings_from
+from grpo.groups import EvalRequest, GroupRequest, PolicySettings, draw_heldout, sample_group
+from grpo.loading import PolicyConfig, load_policy, load_prompter, save_policy
+from worlds.base import Judge
+from worlds.records import PromptRecord
 
 
 class StaleWeightsError(RuntimeError):
     """A request for a policy version this worker does not hold."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class RolloutSpec:
+    """What a policy replica needs (picklable: it crosses into the actor)."""
+    policy: PolicyConfig
+    settings: PolicySettings
+    judges: dict[str, Judge] = field(default_factory=dict)   # world name -> its judge (records name their world)
+    bucket_bytes: int = 32 << 20                              # weight-sync bucket size (the learner's)
+    threads: int = 1                                          # torch intra-op threads in the actor
+
+
 class RolloutWorker:
     """One sampling actor (made remote by the driver with the pool's resources)."""
 
-    def __init__(self, cfg: Config, worker_index: int, threads: int = 1) -> None:
-        from shapes.tokenizer import build_tokenizer
-        torch.set_num_threads(threads)
-        self.cfg, self.index = cfg, worker_index
-        self.model = load_policy(cfg.policy).eval()
-        self.tok = build_tokenizer()
-        self.settings = settings_from(cfg)
+    def __init__(self, spec: RolloutSpec, worker_index: int) -> None:
+        torch.set_num_threads(spec.threads)
+        self.spec, self.index, self.settings = spec, worker_index, spec.settings
+        self.model = load_policy(spec.policy).eval()
+        self.prompter = load_prompter(spec.policy.checkpoint, self.model.cfg)
         self.version = 0
         self.receiver = None                  # set by join_weight_group
+
+    def judge_for(self, prompt: PromptRecord) -> Judge | None:
+        return self.spec.judges.get(prompt.world) if prompt.world else None
 
     # -- sampling ---------------------------------------------------------------------------------
     def sample(self, req: GroupRequest) -> tuple:
         """(meta, payload, image_0, ..., image_{G-1}): call with `num_returns=2 + group_size` so each
         image is its own object (a verifier pulls only the images it scores)."""
         self.check_version(req.policy_version)
-        meta, payload, images = sample_group(self.model, self.tok, req, self.settings)
+        meta, payload, images = sample_group(self.model, self.prompter, req, self.settings,
+                                             judge=self.judge_for(req.prompt))
         return (meta, payload, *list(images))
+
+    def draw_heldout(self, req: EvalRequest) -> tuple:
+        """(meta, image_0, ..., image_{n-1}) for a held-out batch: call with `num_returns=1 + n`."""
+        self.check_version(req.policy_version)
+        judges = {self.judge_for(p) for p in req.prompts}
+        if len(judges) > 1:
+            raise ValueError(f"held-out batch {req.index} mixes prompts of several worlds")
+        meta, images = draw_heldout(self.model, self.prompter, req, self.settings, judge=judges.pop())
+        return (meta, *list(images))
 
     def check_version(self, version: int) -> None:
         """Refuse to sample for another policy version than the one held (and verified, once joined)."""
@@ -48,10 +74,6 @@ class RolloutWorker:
         if self.receiver is not None and not self.receiver.ready_for(version):
             raise StaleWeightsError(f"{name}: weights for v{version} did not pass their checksum; refusing to sample")
 
-    def evaluate(self, shard: tuple[int, int]) -> list[tuple[str, bool]]:
-        """This actor's share (`shard` = (j, n)) of the held-out evaluation: (category, verdict) per image."""
-        return heldout_verdicts(self.model, self.tok, self.cfg.eval, shard=tuple(shard))
-
     # -- weights ----------------------------------------------------------------------------------
     def join_weight_group(self, host: str, port: int, world_size: int, rank: int, allow_shared: bool = True) -> str:
         """Join the weight-broadcast group (rank 0 is learner rank 0) and start holding version 0;
@@ -59,8 +81,7 @@ class RolloutWorker:
         from actors.node import node_ip
         from actors.weight_sync import BroadcastGroup, WeightReceiver, trainable_named_parameters
         self.group = BroadcastGroup(host=host, port=port, rank=rank, world_size=world_size, local_host=node_ip())
-        self.receiver = WeightReceiver(self.model, bucket_bytes=int(self.cfg.pools.learner.bucket_mb * (1 << 20)),
-                                       initial_version=self.version)
+        self.receiver = WeightReceiver(self.model, bucket_bytes=self.spec.bucket_bytes, initial_version=self.version)
         return self.group.open_lane(trainable_named_parameters(self.model), allow_shared=allow_shared)
 
     def receive_weights(self, manifest) -> int:
@@ -72,9 +93,8 @@ class RolloutWorker:
 
     def save_policy(self, directory: str) -> str:
         """Write this replica's weights (the learner's latest, checksum-verified) as a checkpoint."""
-        from driver.stages import save_policy
-        return str(save_policy(self.model, self.cfg.policy, directory))
+        return str(save_policy(self.model, self.spec.policy, directory))
 
     def checksum(self) -> int:
         from actors.weight_sync import model_checksum
-        return model_checksum(self.model, bucket_bytes=int(self.cfg.pools.learner.bucket_mb * (1 << 20)))
+        return model_checksum(self.model, bucket_bytes=self.spec.bucket_bytes)

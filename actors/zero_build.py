@@ -12,7 +12,7 @@ Without it every rank materialises the whole model before `deepspeed.initialize`
 `load_policy` briefly holds two copies): for BAGEL-7B in fp32 that is ~28 GB per rank, times the
 ranks on a node. With it a rank's peak is its partition plus one gathered bucket.
 
-A source is what `driver.stages.policy_factory` returns: callable (the whole model, used elsewhere)
+A source is what `grpo.loading.PolicyFactory` is: callable (the whole model, used elsewhere)
 with `skeleton()`, `weights()` (`.check(shapes)`, `.get(name)`) and `finish(model)`. A plain callable
 factory (tests' tiny models) is built whole and partitioned by `deepspeed.initialize`, as before.
 """

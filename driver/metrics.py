@@ -15,7 +15,7 @@ class StepRecord:
     groups: int
     reward_mean: float
     reward_std: float
-    judge_acc: float                 # strict judge accuracy of the training batch's images
+    judge_acc: float | None          # the world's strict judge on the batch's images (None: no judge)
     loss: float
     image_loss: float
     text_loss: float
@@ -24,15 +24,24 @@ class StepRecord:
     zero_variance_dropped: int       # groups dropped (and refilled) since the previous step
     stale_dropped: int               # groups too far behind (max_staleness) since the previous step
     image_clip_frac: float = 0.0     # share of trained SDE steps whose ratio left the PPO clip range
+    question_pass: dict[str, float] = field(default_factory=dict)   # DVReward question category -> pass rate
     seconds: dict[str, float] = field(default_factory=dict)   # stage -> seconds (wall, this step)
 
     def line(self) -> str:
         times = " ".join(f"{k}={v:.1f}s" for k, v in self.seconds.items())
-        return (f"step {self.step:4d} v{self.policy_version} | reward {self.reward_mean:.3f}±{self.reward_std:.3f} "
-                f"judge {self.judge_acc:5.1%} | loss {self.loss:+.4f} clip {self.image_clip_frac:.0%} "
+        judge = f" judge {self.judge_acc:5.1%}" if self.judge_acc is not None else ""
+        passes = " ".join(f"{k[:5]} {v:.0%}" for k, v in self.question_pass.items() if k != "all")
+        return (f"step {self.step:4d} v{self.policy_version} | reward {self.reward_mean:.3f}±{self.reward_std:.3f}"
+                f"{judge} | pass {passes} | loss {self.loss:+.4f} clip {self.image_clip_frac:.0%} "
                 f"| stale max {self.staleness_max} "
                 f"mean {self.staleness_mean:.2f} | dropped zero-var {self.zero_variance_dropped} "
                 f"stale {self.stale_dropped} | {times}")
+
+
+def batch_judge_acc(metas) -> float | None:
+    """The judge's accuracy over the images of a batch's groups (GroupMeta.judged); None without a judge."""
+    judged = [ok for m in metas if m.judged is not None for ok in m.judged]
+    return sum(judged) / len(judged) if judged else None
 
 
 def reward_stats(rewards: list[list[float]]) -> tuple[float, float]:
@@ -55,9 +64,11 @@ class MetricsLog:
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:
-    """Held-out accuracy per category, before and after training."""
-    rows = [f"{'category':16s} {'before':>7s} {'after':>7s} {'change':>7s}"]
+    """Held-out metrics (driver.stages.heldout_metrics: rewards, question pass rates, the judge's
+    accuracies), before and after training; rates and rewards alike as percentages."""
+    width = max(len(k) for k in before)
+    rows = [f"{'held-out metric':{width}s} {'before':>7s} {'after':>7s} {'change':>7s}"]
     for k in before:
         b, a = before[k], after.get(k, float("nan"))
-        rows.append(f"{k:16s} {b:7.1%} {a:7.1%} {a - b:+7.1%}")
+        rows.append(f"{k:{width}s} {b:7.1%} {a:7.1%} {a - b:+7.1%}")
     return "\n".join(rows)

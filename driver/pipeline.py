@@ -1,6 +1,6 @@
 """The streaming trainer on Ray (`trainer.mode=pipeline`). The whole dataflow is in `Pipeline.run`:
 
-    PromptStream ─► RolloutWorker ×N ──meta──► driver            (index, version, plans, judge verdicts)
+    GroupStream ─► RolloutWorker ×N ──meta──► driver             (index, version, plans, judge verdicts)
                           │ payload ref ─────────────────────┐   (tokens, latents, log-probs)
                           └─ images ref ──► RewardService ──► driver (rewards: small)
     driver: ordered batch of B groups ─► advantages ─► LearnerWorker ×W (ZeRO-3), each pulls its
@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from driver.config import Config
-from driver.metrics import MetricsLog, StepRecord, reward_stats
-from driver.stages import (GroupMeta, GroupRequest, PromptStream, batch_advantages, policy_factory,
+from driver.metrics import MetricsLog, StepRecord, batch_judge_acc, reward_stats
+from driver.stages import (GroupStream, Scorer, heldout_metrics, heldout_requests, heldout_samples, load_sources,
                            settings_from)
 from driver.sync import RunResult, is_zero_variance
+from grpo.groups import GroupMeta, GroupRequest, batch_advantages
+from grpo.loading import PolicyFactory
+from reward_service.report import question_pass_rates
 
 
 @dataclass(kw_only=True)
@@ -44,7 +47,7 @@ class Ready:
     req: GroupRequest
     meta: GroupMeta
     payload_ref: object
-    rewards: Future | None = None
+    rewards: Future | None = None     # -> list[ScoreResult] (reward + audit per image)
 
 
 @dataclass(kw_only=True)
@@ -80,39 +83,40 @@ class Pipeline:
         from actors.pool import PoolConfig
         from actors.refine import RefineWorker
         from actors.reward_workers import RewardService, RewardServiceConfig
-        from actors.rollout import RolloutWorker
+        from actors.rollout import RolloutSpec, RolloutWorker
         from reward_service.backends import BackendSpec
-        from reward_service.reward import RewardConfig
 
         from driver.cluster import check_resources, learner_placement
         self.cfg, self.ray = cfg, ray
         check_resources(cfg, ray.cluster_resources())
-        self.settings = settings_from(cfg)
+        self.settings, self.sources = settings_from(cfg), load_sources(cfg)
         p = cfg.pools
+        spec = RolloutSpec(policy=cfg.policy, settings=self.settings, judges=self.sources.judges,
+                           bucket_bytes=int(p.learner.bucket_mb * (1 << 20)))
         # the learner ranks first, all or nothing: nothing else is started if they cannot be placed
         self.learner_group, learner_opts = learner_placement(ray, p.learner)
         rollout_cls = ray.remote(RolloutWorker)
-        rollout_opts = {"num_cpus": p.rollout.num_cpus, "num_gpus": p.rollout.num_gpus}
-        self.slots = [Slot(actor=rollout_cls.options(**rollout_opts).remote(cfg, i), index=i)
+        rollout_opts = _actor_options(p.rollout)
+        self.slots = [Slot(actor=rollout_cls.options(**rollout_opts).remote(spec, i), index=i)
                       for i in range(p.rollout.num)]
         # the refinement pool (SRR): policy replicas that take every weight broadcast like the rollout actors
         refine_cls = ray.remote(RefineWorker)
-        self.refiners = [refine_cls.options(num_cpus=p.refine.num_cpus, num_gpus=p.refine.num_gpus).remote(cfg, i)
+        self.refiners = [refine_cls.options(**_actor_options(p.refine)).remote(spec, i)
                          for i in range(p.refine.num)]
         r = cfg.reward
         cache = r.cache or None
         self.reward = RewardService(RewardServiceConfig(
             decomposer=BackendSpec(name=r.decomposer.name, options=dict(r.decomposer.options)),
             verifier=BackendSpec(name=r.verifier.name, options=dict(r.verifier.options)),
-            reward=RewardConfig(mode=r.mode, parent_rule=r.parent_rule), cache_path=cache,
+            reward=r.rule(), cache_path=cache,
             decomposer_pool=PoolConfig(num_actors=p.decomposer.num, num_cpus=p.decomposer.num_cpus,
-                                       num_gpus=p.decomposer.num_gpus),
+                                       num_gpus=p.decomposer.num_gpus, env=dict(p.decomposer.env)),
             verifier_pool=PoolConfig(num_actors=p.verifier.num, num_cpus=p.verifier.num_cpus,
-                                     num_gpus=p.verifier.num_gpus)))
+                                     num_gpus=p.verifier.num_gpus, env=dict(p.verifier.env))))
         L = p.learner
         learner_cls = ray.remote(PolicyLearner)
         self.learners = [learner_cls.options(**learner_opts[r_]).remote(LearnerSpec(
-            rank=r_, world_size=L.world_size, model_factory=policy_factory(cfg.policy),
+            rank=r_, world_size=L.world_size, model_factory=PolicyFactory(cfg.policy),
             lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, grad_clip=cfg.trainer.grad_clip,
             seed=cfg.run.seed, zero_stage=L.zero_stage, bucket_bytes=int(L.bucket_mb * (1 << 20)),
             max_reuse_distance=None if L.max_reuse_distance == -1 else L.max_reuse_distance))
@@ -123,8 +127,8 @@ class Pipeline:
         self.reward.wait_ready()
         self._join_weight_group()
         self.version = 0
-        self.scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")   # one caller of the service
-        self.qsets: dict[str, object] = {}
+        self.scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")   # one caller of the service
+        self.scorer = Scorer(self.reward)
 
     def _join_weight_group(self) -> None:
         """Learner rank 0 = rank 0 of the weight group, hosted on its node; then the replicas: rollout
@@ -144,20 +148,9 @@ class Pipeline:
         return [s.actor for s in self.slots] + self.refiners
 
     # -- stages -----------------------------------------------------------------------------------
-    def _question_set(self, prompt):
-        from reward_service.backends import DecomposeRequest
-        if prompt.id not in self.qsets:
-            self.qsets[prompt.id] = self.reward.decompose_many([DecomposeRequest(prompt=prompt.text,
-                                                                                 meaning=prompt.meaning)])[0]
-        return self.qsets[prompt.id]
-
-    def _score(self, req: GroupRequest, image_refs: list) -> list[float]:
+    def _score(self, req: GroupRequest, image_refs: list) -> list:
         """Runs on the scoring thread: the verifier actors fetch the images from the object store."""
-        from reward_service.scoring import ScoreRequest
-        qs = self._question_set(req.prompt)
-        items = [ScoreRequest(key=f"group{req.index}/sample{k}", image=ref, question_set=qs)
-                 for k, ref in enumerate(image_refs)]
-        return [r.reward for r in self.reward.score_many(items)]
+        return self.scorer.score([req.prompt] * len(image_refs), image_refs, key=f"group{req.index}")
 
     def start_update(self, batch: list[Ready], advantages: list[list[float]]) -> Update:
         """Queue one optimizer step and the weight broadcast after it.
@@ -187,7 +180,7 @@ class Pipeline:
         result = RunResult()
         if cfg.eval.enabled:
             result.before = self.evaluate()
-        stream = PromptStream(cfg.data.families, seed=cfg.run.seed, canvas_size=cfg.policy.canvas_size)
+        stream = GroupStream(self.sources.train, group_size=cfg.data.group_size, base_seed=cfg.run.seed)
         B, s_max = t.groups_per_step, t.max_staleness
         sampling: dict = {}                 # meta ref -> (slot, req, payload ref, images ref)
         done: dict[int, Ready] = {}         # index -> sampled group
@@ -207,8 +200,7 @@ class Pipeline:
                     continue                 # on-policy: sample exactly what the next step needs
                 if len(order) >= B * (1 + s_max):
                     continue
-                req = stream.next_request(group_size=cfg.data.group_size, base_seed=cfg.run.seed,
-                                          policy_version=slot.version)
+                req = stream.next_request(policy_version=slot.version)
                 meta_ref, payload_ref, *image_refs = slot.actor.sample.options(
                     num_returns=2 + req.group_size).remote(req)
                 slot.busy = meta_ref
@@ -226,7 +218,7 @@ class Pipeline:
                     meta = ray.get(ref)       # raises if sampling failed (e.g. the worker refused stale weights)
                     result.trajectories += req.group_size
                     done[req.index] = Ready(req=req, meta=meta, payload_ref=payload_ref,
-                                            rewards=self.scorer.submit(self._score, req, image_refs))
+                                            rewards=self.scoring.submit(self._score, req, image_refs))
             # 3. an update finished: record it, bump versions
             if update is not None and _all_done(ray, update.refs):
                 results = ray.get(update.step)
@@ -252,7 +244,7 @@ class Pipeline:
             if update is None:
                 batch = self._take_batch(order, done, B, counters, dropped_since)
                 if batch is not None:
-                    adv = batch_advantages([g.rewards.result() for g in batch], std_scope=t.std_scope)
+                    adv = batch_advantages([_rewards(g) for g in batch], std_scope=t.std_scope)
                     update = self.start_update(batch, adv.per_group)
                     counters.staleness_seen += update.staleness
         if cfg.eval.enabled:
@@ -268,7 +260,7 @@ class Pipeline:
             g = done.get(idx)
             if g is None or not g.rewards.done():
                 return None                    # keep stream order: wait for this one
-            rewards = g.rewards.result()       # raises if the reward failed: an error, never a 0
+            rewards = _rewards(g)              # raises if the reward failed: an error, never a 0
             if self.version - g.req.policy_version > self.cfg.trainer.max_staleness:
                 counters.stale += 1
                 dropped_since[1] += 1
@@ -288,13 +280,12 @@ class Pipeline:
 
     def _record(self, step: int, update: Update, results, sent, dropped_since: list[int]) -> StepRecord:
         batch, stale = update.batch, update.staleness
-        rewards = [g.rewards.result() for g in batch]
-        mean, std = reward_stats(rewards)
-        judged = [ok for g in batch for ok in g.meta.judged]
+        mean, std = reward_stats([_rewards(g) for g in batch])
         loss = sum(r.loss for r in results) / len(results) if results else 0.0
         st = [r.stats for r in results]
         return StepRecord(step=step, policy_version=self.version, groups=len(batch), reward_mean=mean,
-                          reward_std=std, judge_acc=sum(judged) / len(judged), loss=loss,
+                          reward_std=std, judge_acc=batch_judge_acc([g.meta for g in batch]), loss=loss,
+                          question_pass=question_pass_rates(s.audit for g in batch for s in g.rewards.result()),
                           image_loss=sum(s.get("image_loss", 0.0) for s in st) / len(st),
                           text_loss=sum(s.get("text_loss", 0.0) for s in st) / len(st),
                           staleness_max=max(stale), staleness_mean=sum(stale) / len(stale),
@@ -306,12 +297,18 @@ class Pipeline:
                                    "sync": max(x.seconds for x in sent)})
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out accuracy, its batches dealt out over the rollout actors (each batch has fixed seeds,
-        so the pooled verdicts equal one process drawing them all)."""
-        from shapes.evaluate import accuracy
-        n = len(self.slots)
-        parts = self.ray.get([slot.actor.evaluate.remote((j, n)) for j, slot in enumerate(self.slots)])
-        return accuracy(v for part in parts for v in part)
+        """Held-out metrics (driver.stages.heldout_metrics), the batches dealt out over the rollout
+        actors (each batch has a fixed seed, so the pooled results equal one process drawing them all);
+        the images go from the object store to the verifiers."""
+        requests = heldout_requests(self.sources.heldout, self.cfg.eval, policy_version=self.version)
+        drawn = [self.slots[i % len(self.slots)].actor.draw_heldout.options(num_returns=1 + len(req.prompts))
+                 .remote(req) for i, req in enumerate(requests)]
+        samples = []
+        for req, (meta_ref, *image_refs) in zip(requests, drawn):
+            meta = self.ray.get(meta_ref)
+            results = self.scorer.score(req.prompts, image_refs, key=f"heldout{req.index}")
+            samples += heldout_samples(req, meta, results)
+        return heldout_metrics(samples, self.sources.judges)
 
     def checksums(self) -> tuple[int, list[int]]:
         """(learner's gathered checksum, each replica's: rollout actors, then refine actors)."""
@@ -326,7 +323,7 @@ class Pipeline:
         return Path(self.ray.get(self.slots[0].actor.save_policy.remote(str(Path(directory).resolve()))))
 
     def shutdown(self) -> None:
-        self.scorer.shutdown(wait=False, cancel_futures=True)
+        self.scoring.shutdown(wait=False, cancel_futures=True)
         self.reward.shutdown()
         for a in self.learners:
             try:
@@ -343,3 +340,14 @@ class Pipeline:
 def _all_done(ray, refs: list) -> bool:
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
     return len(ready) == len(refs)
+
+
+def _actor_options(pool) -> dict:
+    """Ray actor options of a pool section: its resources, and its env as the actors' runtime env."""
+    env = {"runtime_env": {"env_vars": dict(pool.env)}} if pool.env else {}
+    return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, **env}
+
+
+def _rewards(group: Ready) -> list[float]:
+    """A scored group's rewards (raises if its scoring failed)."""
+    return [r.reward for r in group.rewards.result()]

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from grpo.losses import LossStats, image_ppo_loss, text_grpo_loss, text_weight_for, trajectory_loss
-from grpo.sde import (FlowTrajectory, NoiseBasis, VelocityFn, recompute_steps, sample_flow, sde_window,
-                      timestep_schedule)
+from grpo.losses import (TEXT_LEVELS, TEXT_WEIGHT_MODES, LossStats, image_ppo_loss, text_grpo_loss, text_weight_for,
+                         trajectory_loss)
+from grpo.sde import (KL_SCALES, SIGMA_AT_ONE, FlowTrajectory, NoiseBasis, VelocityFn, check_window,
+                      recompute_steps, sample_flow, sde_window, timestep_schedule)
 from umm.context import DrawPrompt, GuidanceContexts, Text, encode_context, item_segments
 from umm.generation import TextSample, generate_text, token_logprobs
 from umm.lora import adapters_disabled
+from umm.config import ConfigError
 from umm.guidance import CFGConfig, guided_velocity
 from umm.model import UnifiedModel
 from umm.mot import KVCache
@@ -32,9 +34,19 @@ from umm.mot import KVCache
 @dataclass(kw_only=True)
 class ThinkConfig:
     """Sampling of the plan written before drawing (method defaults: T 1.0, top-p 0.8)."""
-    max_new_tokens: int = 64
+    enabled: bool = True             # reasoning text-to-image: write a plan, then draw (off: draw at once)
+    max_new_tokens: int = 64         # the plan's budget, <|im_end|> included
     temperature: float = 1.0
     top_p: float = 0.8
+
+    def validate(self, prefix: str = "think") -> "ThinkConfig":
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{prefix}.max_new_tokens: must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ConfigError(f"{prefix}.temperature: must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}.top_p: must be in (0, 1], got {self.top_p}")
+        return self
 
 
 @dataclass(kw_only=True)
@@ -49,6 +61,26 @@ class FlowConfig:
     noise_block: int = 1           # exploration noise shared by K x K latent blocks (1 = Flow-GRPO; grpo.sde)
     shared_start: bool = False     # every row starts from the same x_1 (a group: only SDE noise differs)
     cfg: CFGConfig = field(default_factory=CFGConfig)
+
+    def validate(self, prefix: str = "flow") -> "FlowConfig":
+        if self.num_steps < 1:
+            raise ConfigError(f"{prefix}.num_steps: must be >= 1, got {self.num_steps}")
+        if not self.shift > 0:
+            raise ConfigError(f"{prefix}.shift: must be > 0, got {self.shift}")
+        if not self.noise_level >= 0:
+            raise ConfigError(f"{prefix}.noise_level: must be >= 0, got {self.noise_level}")
+        if self.noise_block < 1:
+            raise ConfigError(f"{prefix}.noise_block: must be >= 1, got {self.noise_block}")
+        if self.sigma_at_one not in SIGMA_AT_ONE:
+            raise ConfigError(f"{prefix}.sigma_at_one={self.sigma_at_one!r}: not one of {SIGMA_AT_ONE}")
+        if self.noise_level > 0:   # the sampler's own check, before anything starts (the last step is never trained)
+            try:
+                check_window(self.num_steps, window_size=self.window_size, start_range=list(self.window_start))
+            except ValueError as e:
+                raise ConfigError(f"{prefix}.window_size={self.window_size} / {prefix}.window_start="
+                                  f"{list(self.window_start)} / {prefix}.num_steps={self.num_steps}: {e}") from None
+        self.cfg.validate(f"{prefix}.cfg")
+        return self
 
 
 @dataclass(kw_only=True)
@@ -102,10 +134,11 @@ def velocity_fn(model: UnifiedModel, contexts: GuidanceContexts, *, hw: tuple[in
 @torch.no_grad()
 def rollout(model: UnifiedModel, prompts: list[DrawPrompt], *, hw: tuple[int, int], think: ThinkConfig | None,
             flow: FlowConfig, generator: torch.Generator | None = None, policy_version: int = 0) -> Rollout:
-    """Write a plan (if `think`) and draw, for every prompt (repeat a prompt G times for a group)."""
+    """Write a plan (if `think` is given and enabled) and draw, for every prompt (repeat a prompt G times
+    for a group). `flow.noise_level` 0 draws with the deterministic ODE (evaluation): no SDE window."""
     cache = prompt_cache(model, prompts)
     B, eos = len(prompts), model.cfg.tokens.eos
-    if think is not None:
+    if think is not None and think.enabled:
         sample = generate_text(model, cache, max_new_tokens=think.max_new_tokens, temperature=think.temperature,
                                top_p=think.top_p, generator=generator)
     else:
@@ -113,8 +146,8 @@ def rollout(model: UnifiedModel, prompts: list[DrawPrompt], *, hw: tuple[int, in
         sample = TextSample(tokens=empty.long(), mask=empty.bool(), logp=empty, finished=torch.ones(B, dtype=torch.bool))
     contexts = draw_contexts(model, prompts, cache, think_items(sample, eos=eos), cfg=flow.cfg)
     timesteps = timestep_schedule(flow.num_steps, shift=flow.shift)
-    window = sde_window(flow.num_steps, window_size=flow.window_size, start_range=flow.window_start,
-                        generator=generator)
+    window = (sde_window(flow.num_steps, window_size=flow.window_size, start_range=flow.window_start,
+                         generator=generator) if flow.noise_level > 0 else [])
     rows = 1 if flow.shared_start else B
     noise = torch.randn(rows, hw[0] * hw[1], model.cfg.patch_latent_dim, generator=generator).repeat(B // rows, 1, 1)
     basis = (NoiseBasis(grid=hw, patch=model.cfg.latent_patch_size, channels=model.cfg.vae.z_channels,
@@ -185,6 +218,19 @@ class LossConfig:
     @property
     def needs_reference(self) -> bool:
         return self.image_kl_weight > 0 or self.text_kl_weight > 0
+
+    def validate(self, prefix: str = "loss") -> "LossConfig":
+        if not self.image_clip > 0:
+            raise ConfigError(f"{prefix}.image_clip: must be > 0, got {self.image_clip}")
+        if not (0 < self.text_clip_low < 1 and self.text_clip_high > 0):
+            raise ConfigError(f"{prefix}.text_clip_low / text_clip_high: need 0 < low < 1 and high > 0, got "
+                              f"{self.text_clip_low}, {self.text_clip_high}")
+        for key, allowed in (("text_level", TEXT_LEVELS), ("mode", TEXT_WEIGHT_MODES), ("image_kl_scale", KL_SCALES)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{prefix}.{key}={getattr(self, key)!r}: not one of {allowed}")
+        if self.image_kl_weight < 0 or self.text_kl_weight < 0:
+            raise ConfigError(f"{prefix}.image_kl_weight / text_kl_weight: must be >= 0")
+        return self
 
 
 @dataclass(kw_only=True)

@@ -19,18 +19,21 @@ import torch
 from PIL import Image as PILImage
 from tqdm import tqdm
 
-from grpo.sde import timestep_schedule
+from grpo.policy import FlowConfig, ThinkConfig, rollout
 from shapes import chat
 from shapes.benchmark import CATEGORIES, benchmark_prompts
 from shapes.judge import judge
-from shapes.pretrain_data import to_pixels
 from shapes.prompts import Prompt
 from shapes.scene import render
-from shapes.tokenizer import UNK_ID, decode, turn_ids
-from umm.context import DrawPrompt, Image, Text, encode_guidance, encode_context
-from umm.generation import generate_image, generate_text
+from shapes.tokenizer import ShapesTokenizer, build_tokenizer
 from umm.guidance import CFGConfig
 from umm.model import UnifiedModel
+from umm.prompting import PromptFormat, Prompter
+
+# the world's chat format (checkpoints/shapes-base/prompt_format.json; pretraining writes it beside each
+# checkpoint): turns open with their role word, and the system prompts use the world's closed vocabulary
+PROMPT_FORMAT = PromptFormat(tokenizer="shapes", role_words=True, think_system=chat.SYSTEM_THINK,
+                             reflect_system=chat.SYSTEM_REFLECT)
 
 
 @dataclass(kw_only=True)
@@ -46,25 +49,9 @@ class DrawConfig:
     batch_size: int = 16
 
 
-def _turn(tok, role: str, text: str) -> Text:
-    return Text(ids=tuple(turn_ids(tok, role, text)))
-
-
-def edit_prompt(tok, source, instruction: str) -> DrawPrompt:
-    """An edit as a model context: the source image (PIL or uint8 (H, W, 3)), then the instruction."""
-    return DrawPrompt(prefix=[Image(pixels=to_pixels(source))], text=_turn(tok, "user", instruction))
-
-
-def draw_prompts(tok, prompts: list[Prompt], *, think: bool) -> list[DrawPrompt]:
-    """Benchmark prompts as model contexts (edits carry their source image)."""
-    out = []
-    for p in prompts:
-        if p.family == "edit":
-            out.append(edit_prompt(tok, render(p.meaning.source), p.text))
-            continue
-        prefix = [_turn(tok, "system", chat.SYSTEM_THINK)] if think else []
-        out.append(DrawPrompt(prefix=prefix, text=_turn(tok, "user", p.text)))
-    return out
+def shapes_prompter(tok=None) -> Prompter:
+    """The world's tokenizer (built here unless given) in the world's prompt format."""
+    return Prompter(ShapesTokenizer(tok if tok is not None else build_tokenizer()), PROMPT_FORMAT)
 
 
 def to_pil(images: torch.Tensor) -> list[PILImage.Image]:
@@ -73,34 +60,28 @@ def to_pil(images: torch.Tensor) -> list[PILImage.Image]:
 
 
 @torch.no_grad()
-def draw(model: UnifiedModel, tok, prompts: list[Prompt], *, cfg: DrawConfig, seed: int = 0,
+def draw(model: UnifiedModel, prompter: Prompter, prompts: list[Prompt], *, cfg: DrawConfig, seed: int = 0,
          canvas_size: int = 32) -> tuple[list[PILImage.Image], list[str]]:
-    """One image per prompt (and the plan written, '' without think)."""
+    """One image per prompt (and the plan written, '' without think), through the trainer's one
+    think-then-draw path (grpo.policy.rollout) with the deterministic ODE (noise level 0)."""
     gen = torch.Generator().manual_seed(seed)
     hw = model.latent_grid(canvas_size, canvas_size)
     images, plans = [], []
     for i in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[i:i + cfg.batch_size]
-        dps = draw_prompts(tok, chunk, think=cfg.think and not any(p.family == "edit" for p in chunk))
-        if cfg.think and dps[0].prefix and isinstance(dps[0].prefix[0], Text):
-            cache = encode_context(model, [[*d.prefix, d.text] for d in dps])
-            s = generate_text(model, cache, max_new_tokens=cfg.think_tokens, temperature=cfg.think_temperature,
-                              top_p=1.0, generator=gen)
-            for d, toks, m in zip(dps, s.tokens, s.mask):
-                ids = [int(t) for t in toks[m] if int(t) != model.cfg.tokens.eos]
-                d.think = Text(ids=tuple(ids)) if ids else None
-                # the model's vocabulary is padded past the tokenizer's: show such ids as <unk>
-                plans.append(decode(tok, [i if tok.id_to_token(i) is not None else UNK_ID for i in ids]))
-        else:
-            plans += [""] * len(chunk)
         is_edit = chunk[0].family == "edit"
+        if any((p.family == "edit") != is_edit for p in chunk):
+            raise ValueError("draw: a batch mixes edits and text-to-image prompts")
+        dps = ([prompter.edit(np.asarray(render(p.meaning.source), dtype=np.uint8), p.text) for p in chunk]
+               if is_edit else [prompter.draw(p.text, think=cfg.think) for p in chunk])
+        think = (ThinkConfig(max_new_tokens=cfg.think_tokens, temperature=cfg.think_temperature, top_p=1.0)
+                 if cfg.think and not is_edit else None)
         guidance = CFGConfig(text_scale=cfg.text_scale, image_scale=cfg.image_scale if is_edit else 1.0,
                              renorm_type="text_channel" if is_edit else "global")
-        ctx = encode_guidance(model, dps, text_cfg=guidance.uses_text, image_cfg=guidance.uses_image)
-        noise = torch.randn(len(chunk), hw[0] * hw[1], model.cfg.patch_latent_dim, generator=gen)
-        x = generate_image(model, ctx, noise=noise, hw=hw, cfg=guidance,
-                           timesteps=timestep_schedule(cfg.num_steps, shift=cfg.shift))
-        images += to_pil(model.tokens_to_image(x, hw))
+        flow = FlowConfig(num_steps=cfg.num_steps, shift=cfg.shift, noise_level=0.0, cfg=guidance)
+        ro = rollout(model, dps, hw=hw, think=think, flow=flow, generator=gen)
+        plans += [prompter.plan_text(row[mask]) for row, mask in zip(ro.think.tokens, ro.think.mask)]
+        images += to_pil(model.tokens_to_image(ro.flow.latents[-1], hw))
     return images, plans
 
 
@@ -116,7 +97,8 @@ def accuracy(verdicts: Iterable[tuple[str, bool]]) -> dict[str, float]:
     return acc
 
 
-def evaluate(model: UnifiedModel, tok, prompts: list[Prompt], *, cfg: DrawConfig, images_per_prompt: int = 1,
+def evaluate(model: UnifiedModel, prompter: Prompter, prompts: list[Prompt], *, cfg: DrawConfig,
+             images_per_prompt: int = 1,
              shard: tuple[int, int] = (0, 1), progress: bool = True
              ) -> tuple[dict[str, float], list[tuple[Prompt, PILImage.Image, bool, str]]]:
     """Strict accuracy per category (and overall mean over categories) + every judged sample.
@@ -134,7 +116,7 @@ def evaluate(model: UnifiedModel, tok, prompts: list[Prompt], *, cfg: DrawConfig
     samples = []
     bar = tqdm(total=sum(len(chunk) for chunk, _ in batches), desc="evaluate", disable=not progress)
     for chunk, seed in batches:
-        imgs, plans = draw(model, tok, chunk, cfg=cfg, seed=seed)
+        imgs, plans = draw(model, prompter, chunk, cfg=cfg, seed=seed)
         for p, img, plan in zip(chunk, imgs, plans):
             samples.append((p, img, judge(img, p.meaning).correct, plan))
         bar.update(len(chunk))
@@ -144,10 +126,9 @@ def evaluate(model: UnifiedModel, tok, prompts: list[Prompt], *, cfg: DrawConfig
 
 def quick_check(model: UnifiedModel, *, n: int = 24) -> dict[str, float]:
     """Single-object accuracy on `n` benchmark prompts (used during pretraining)."""
-    from shapes.tokenizer import build_tokenizer
     model.eval()
     prompts = [p for p in benchmark_prompts() if p.family == "single_object"][:n]
-    acc, _ = evaluate(model, build_tokenizer(), prompts, cfg=DrawConfig(), progress=False)
+    acc, _ = evaluate(model, shapes_prompter(), prompts, cfg=DrawConfig(), progress=False)
     return {"single_object": round(acc.get("single_object", 0.0), 3)}
 
 
@@ -166,7 +147,6 @@ def save_grid(samples, path: Path, *, columns: int = 12, scale: int = 2) -> None
 
 
 def main(argv: list[str] | None = None) -> None:
-    from shapes.tokenizer import load as load_tokenizer
     from umm.checkpoint import load_pretrained
 
     ap = argparse.ArgumentParser(description="evaluate a checkpoint on shapes-geneval")
@@ -183,12 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     ckpt = Path(args.checkpoint)
     model = load_pretrained(ckpt)
-    tok = load_tokenizer(ckpt / "tokenizer.json")
+    prompter = Prompter.from_checkpoint(ckpt)
     prompts = list(benchmark_prompts())
     if args.limit:
         prompts = [p for c in CATEGORIES for p in [q for q in prompts if q.family == c][:args.limit]]
     cfg = DrawConfig(think=args.think, num_steps=args.steps, shift=args.shift, text_scale=args.cfg)
-    acc, samples = evaluate(model, tok, prompts, cfg=cfg, images_per_prompt=args.images)
+    acc, samples = evaluate(model, prompter, prompts, cfg=cfg, images_per_prompt=args.images)
     out = Path(args.out) if args.out else ckpt / "eval"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"accuracy": acc, "think": args.think, "images": args.images,

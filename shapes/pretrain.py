@@ -209,7 +209,7 @@ def pretrain(cfg: PretrainConfig, *, model: UnifiedModel | None = None, progress
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer()
     if model is None and cfg.init_from:      # a fresh model (its own frozen tables) with the saved weights
-        saved = load_pretrained(cfg.init_from, base="shapes")
+        saved = load_pretrained(cfg.init_from)
         model = UnifiedModel(saved.cfg)
         model.load_state_dict(saved.state_dict())
     if model is None:
@@ -263,6 +263,8 @@ def save_run(model: UnifiedModel, cfg: PretrainConfig, log: list[dict], out: str
     out = Path(out)
     save_pretrained(model, out)
     save_tokenizer(build_tokenizer(), out / "tokenizer.json")
+    from shapes.evaluate import PROMPT_FORMAT
+    PROMPT_FORMAT.save(out)
     (out / "pretrain_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     if log:
         (out / "pretrain_log.json").write_text(json.dumps(log[::100] + log[-1:]))

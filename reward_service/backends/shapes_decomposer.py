@@ -114,6 +114,8 @@ class ShapesDecomposer:
         out = []
         for r in requests:
             if r.meaning is None:
-                raise ValueError(f"shapes decomposer: prompt {r.prompt!r} has no structured meaning")
+                raise ValueError(f"shapes decomposer: prompt {r.prompt!r} has no structured meaning (this backend "
+                                 "reads the shapes world's prompts; for prompt files use an LLM decomposer: "
+                                 "reward.decomposer.name=vllm, hf or openai)")
             out.append(decompose(r.prompt, meaning=r.meaning))
         return out

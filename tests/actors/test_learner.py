@@ -195,14 +195,13 @@ def test_zero3_learners_build_the_checkpoint_partitioned(ray_cluster, tmp_path, 
     checkpoint's (the whole-model load_policy path, computed here in one process)."""
     import ray
 
-    from driver.config import LoraSection, PolicyConfig
-    from driver.stages import load_policy, policy_factory
+    from grpo.loading import LoRASection, PolicyConfig, PolicyFactory, load_policy
     from umm.checkpoint import save_pretrained
 
     source = tiny_model(seed=0)
-    policy = PolicyConfig(checkpoint=str(save_pretrained(source, tmp_path / "ckpt")), base="tiny",
-                          lora=LoraSection(enabled=lora, rank=4, alpha=8.0))
-    learners, setups = _two_learners(ray, policy_factory(policy))
+    policy = PolicyConfig(checkpoint=str(save_pretrained(source, tmp_path / "ckpt")),
+                          lora=LoRASection(enabled=lora, rank=4, alpha=8.0))
+    learners, setups = _two_learners(ray, PolicyFactory(policy))
     infos = ray.get(setups, timeout=TIMEOUT)
     n_base = len(list(source.parameters()))
     for info in infos:
@@ -230,8 +229,7 @@ def test_zero3_build_from_a_checkpoint_missing_a_tensor_fails_on_every_rank(ray_
     import ray
     from safetensors.torch import load_file, save_file
 
-    from driver.config import PolicyConfig
-    from driver.stages import policy_factory
+    from grpo.loading import PolicyConfig, PolicyFactory
     from umm.checkpoint import save_pretrained
 
     ckpt = save_pretrained(tiny_model(seed=0), tmp_path / "ckpt")
@@ -239,7 +237,7 @@ def test_zero3_build_from_a_checkpoint_missing_a_tensor_fails_on_every_rank(ray_
     dropped = "llm2vae.bias"
     del tensors[dropped]
     save_file(tensors, str(ckpt / "ema.safetensors"))
-    learners, setups = _two_learners(ray, policy_factory(PolicyConfig(checkpoint=str(ckpt), base="tiny")))
+    learners, setups = _two_learners(ray, PolicyFactory(PolicyConfig(checkpoint=str(ckpt))))
     for setup in setups:                   # both ranks raise (checked before any gather): none is left waiting
         with pytest.raises(ray.exceptions.RayTaskError, match=rf"ema.safetensors(.|\n)*{dropped}"):
             ray.get(setup, timeout=TIMEOUT)

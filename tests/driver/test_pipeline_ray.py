@@ -1,6 +1,7 @@
 """The Ray pipeline end to end on a local cluster: 2 ZeRO-3 learner ranks, 2 rollout actors,
 shapes reward pools. Small sampler settings keep it to a few minutes on 2 cores."""
 import math
+from pathlib import Path
 
 import pytest
 
@@ -30,11 +31,11 @@ def run_pipeline(overrides, *, on_step=None, after=None):
 def test_pipeline_trains_and_every_actor_holds_the_learners_weights(ray_cluster, tmp_path):
     import numpy as np
 
-    from actors.weight_sync import model_checksum
-    from driver.stages import load_policy
-
     from actors.rollout import StaleWeightsError
-    from driver.stages import RefineRequest
+    from actors.weight_sync import model_checksum
+    from grpo.groups import RefineRequest
+    from grpo.loading import load_policy
+    from shapes.plugin import record
     from shapes.prompts import generate
     seen, refined = [], []
 
@@ -43,7 +44,7 @@ def test_pipeline_trains_and_every_actor_holds_the_learners_weights(ray_cluster,
         seen.append((rec.policy_version, learner, actors))
         # the refine actor draws edits with the version it was just sent, and refuses any other
         prompt = generate("edit", __import__("random").Random(rec.step), canvas_size=32)
-        req = RefineRequest(index=rec.step, prompt=prompt, source=np.zeros((32, 32, 3), np.uint8),
+        req = RefineRequest(index=rec.step, prompt=record(prompt), source=np.zeros((32, 32, 3), np.uint8),
                             instruction=prompt.text, group_size=2, seed=rec.step, policy_version=rec.policy_version)
         meta_ref, _, *image_refs = pipe.refiners[0].refine.options(num_returns=4).remote(req)
         refined.append((ray.get(meta_ref).policy_version, [ray.get(r).shape for r in image_refs]))
@@ -65,6 +66,7 @@ def test_pipeline_trains_and_every_actor_holds_the_learners_weights(ray_cluster,
     # the trained policy is saved as a checkpoint that loads back to the learner's weights
     final, policy_dir = saved[0]
     assert final == seen[-1][1] and (policy_dir / "tokenizer.json").exists()
+    assert (policy_dir / "prompt_format.json").read_text() == (Path(pipe.cfg.policy.checkpoint) / "prompt_format.json").read_text()
     reloaded = load_policy(load(SMALL + [f"policy.checkpoint={policy_dir}"]).policy)
     assert model_checksum(reloaded, bucket_bytes=int(pipe.cfg.pools.learner.bucket_mb * (1 << 20))) == final
 
@@ -79,17 +81,17 @@ def test_sync_mode_and_pipeline_agree_on_the_first_step(ray_cluster, tmp_path):
     _, piped = run_pipeline(["trainer.steps=1", "trainer.max_staleness=0", *ev],
                             after=lambda p: p.save_policy(tmp_path / "piped"))
     alone = train_sync(load(SMALL + ["trainer.steps=1", "trainer.mode=sync", *ev]), save_to=tmp_path / "alone")
-    assert piped.before == alone.before and "geneval_mean" in piped.before
+    assert piped.before == alone.before and "judge/geneval_mean" in piped.before and "pass/all" in piped.before
     a, b = piped.steps[0], alone.steps[0]
     assert a.reward_mean == pytest.approx(b.reward_mean, abs=1e-6)
     assert a.reward_std == pytest.approx(b.reward_std, abs=1e-6)
-    assert a.judge_acc == b.judge_acc
+    assert a.judge_acc == b.judge_acc and a.question_pass == b.question_pass and a.question_pass
     assert piped.first_loss == pytest.approx(alone.first_loss, abs=1e-6)
     assert a.image_loss == pytest.approx(b.image_loss, abs=1e-6)
     assert a.text_loss == pytest.approx(b.text_loss, abs=1e-6)
     # and the same trained weights (ZeRO-3 over 2 ranks vs one process), saved by each mode
-    w_piped, w_alone = (load_pretrained(tmp_path / d, base="shapes").state_dict() for d in ("piped", "alone"))
-    base = load_pretrained(load(SMALL).policy.checkpoint, base="shapes").state_dict()
+    w_piped, w_alone = (load_pretrained(tmp_path / d).state_dict() for d in ("piped", "alone"))
+    base = load_pretrained(load(SMALL).policy.checkpoint).state_dict()
     assert w_piped.keys() == w_alone.keys()
     for k in w_alone:
         torch.testing.assert_close(w_piped[k], w_alone[k], atol=1e-6, rtol=0)

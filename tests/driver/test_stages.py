@@ -1,125 +1,127 @@
-"""The trainer's stage functions, shared by sync mode and the Ray pipeline."""
+"""The driver's side of the stages: request streams, held-out batches, scoring and held-out metrics."""
+import json
+
 import numpy as np
 import pytest
-import torch
 
-from driver.config import load
-from driver.stages import (GroupRequest, PromptStream, RefineRequest, batch_advantages, groups_loss, judge_group,
-                           load_policy, refine_group, sample_group, settings_from)
-from shapes.benchmark import is_held_out
-from shapes.tokenizer import build_tokenizer
-
-SMALL = ["trainer.mode=sync", "policy.flow.num_steps=4", "policy.flow.window_size=2", "policy.flow.window_start=[0,1]",
-         "policy.think.max_new_tokens=6", "data.group_size=3"]
+from driver.config import ConfigError, load
+from driver.stages import (GroupStream, HeldoutSample, LocalReward, Scorer, heldout_metrics, heldout_requests,
+                           heldout_selection, load_sources)
+from reward_service.aggregate import AuditRow, RewardResult
+from reward_service.scoring import ScoreResult
+from worlds.files import ShuffledStream
+from worlds.records import PromptRecord
 
 
-@pytest.fixture(scope="module")
-def small():
-    cfg = load(SMALL)
-    return cfg, load_policy(cfg.policy), build_tokenizer()
+def _records(n, category=lambda i: f"c{i % 2}", world=""):
+    return [PromptRecord(id=f"p{i}", text=f"prompt {i}", category=category(i), world=world) for i in range(n)]
 
 
-def test_prompt_stream_is_seeded_and_never_held_out():
-    a = PromptStream(["single_object", "counting", "implicit_color"], seed=3, canvas_size=32)
-    b = PromptStream(["single_object", "counting", "implicit_color"], seed=3, canvas_size=32)
-    ra = [a.next_request(group_size=2, base_seed=3, policy_version=0) for _ in range(200)]
-    rb = [b.next_request(group_size=2, base_seed=3, policy_version=0) for _ in range(200)]
-    assert [r.prompt.text for r in ra] == [r.prompt.text for r in rb]
-    assert [r.index for r in ra] == list(range(200))
-    assert len({r.seed for r in ra}) == 200
-    assert not any(is_held_out(r.prompt.text, family=r.prompt.family) for r in ra)
-    assert {r.prompt.family for r in ra} == {"single_object", "counting", "implicit_color"}
+def test_group_stream_numbers_requests_and_seeds_them_from_the_run_seed():
+    a = GroupStream(ShuffledStream(_records(5), seed=3), group_size=4, base_seed=3)
+    b = GroupStream(ShuffledStream(_records(5), seed=3), group_size=4, base_seed=3)
+    ra = [a.next_request(policy_version=v) for v in range(12)]
+    rb = [b.next_request(policy_version=v) for v in range(12)]
+    assert [r.prompt.id for r in ra] == [r.prompt.id for r in rb]
+    assert [r.index for r in ra] == list(range(12)) and [r.policy_version for r in ra] == list(range(12))
+    assert [r.seed for r in ra] == [3 * 1_000_003 + i for i in range(12)]
+    assert {r.group_size for r in ra} == {4}
+    assert sorted(r.prompt.id for r in ra[:5]) == [f"p{i}" for i in range(5)]      # one epoch: each prompt once
 
 
-def test_batch_advantages_match_an_independent_computation():
-    rewards = [[0.1, 0.5, 0.9], [0.3, 0.3, 0.3], [1.0, 0.0, 0.5]]
-    out = batch_advantages(rewards, std_scope="batch")
-    flat = np.array(rewards).ravel()
-    std = flat.std()
-    for g, adv in zip(rewards, out.per_group):
-        expect = (np.array(g) - np.mean(g)) / (std + 1e-4)
-        if max(g) == min(g):
-            expect = np.zeros(3)
-        np.testing.assert_allclose(adv, np.clip(expect, -5, 5), rtol=1e-6, atol=1e-6)
-    assert out.zero_variance == [1]
+def test_heldout_selection_and_batches_are_fixed_per_image_and_batch():
+    prompts = _records(9, category=lambda i: "ab"[i % 2])
+    assert [p.id for p in heldout_selection(prompts, 2)] == ["p0", "p1", "p2", "p3"]
+    assert heldout_selection(prompts, 0) == prompts
+    cfg = load(["eval.prompts_per_category=3", "eval.images_per_prompt=2", "eval.batch_size=4"])
+    reqs = heldout_requests(prompts, cfg.eval, policy_version=5)
+    chosen = [p.id for p in heldout_selection(prompts, 3)]
+    assert [r.index for r in reqs] == list(range(len(reqs)))
+    assert [[p.id for p in r.prompts] for r in reqs] == [chosen[:4], chosen[4:]] * 2
+    assert [r.seed for r in reqs] == [0, 4, 1000, 1004] and {r.policy_version for r in reqs} == {5}
 
 
-def test_sample_group_is_deterministic_and_judgeable(small):
-    cfg, model, tok = small
-    stream = PromptStream(["single_object"], seed=0, canvas_size=32)
-    req = stream.next_request(group_size=3, base_seed=0, policy_version=0)
-    s = settings_from(cfg)
-    meta1, pay1, img1 = sample_group(model, tok, req, s)
-    meta2, pay2, img2 = sample_group(model, tok, req, s)
-    assert img1.shape == (3, 32, 32, 3) and img1.dtype == np.uint8
-    np.testing.assert_array_equal(img1, img2)
-    assert torch.equal(pay1.rollout.flow.logp, pay2.rollout.flow.logp)
-    assert torch.equal(pay1.rollout.think.tokens, pay2.rollout.think.tokens)
-    assert meta1.plans == meta2.plans and len(meta1.plans) == 3
-    other = GroupRequest(index=req.index, prompt=req.prompt, group_size=3, seed=req.seed + 1, policy_version=0)
-    _, _, img3 = sample_group(model, tok, other, s)
-    assert not np.array_equal(img1, img3)
-    # the strict verdicts travel with the group's metadata: those of exactly these images
-    from shapes.judge import judge
-    assert meta1.judged == tuple(judge(img, req.prompt.meaning).correct for img in img1)
-    assert list(meta1.judged) == judge_group(img1, req.prompt)
+def _result(reward, rows):
+    audit = RewardResult(reward=reward, semantic_mean=reward, quality_mean=1.0, mode="geometric", parent_rule="none",
+                         prompt="p", prompt_hash="h", version="v",
+                         rows=tuple(AuditRow(id=f"q{i}", text="?", kind="semantic", category=c, parents=(), score=e,
+                                             effective=e) for i, (c, e) in enumerate(rows)))
+    return ScoreResult(key="k", reward=reward, audit=audit, verifier="test")
 
 
-def test_groups_loss_is_on_policy_and_its_gradient_is_the_policy_gradient(small):
-    """The trainer's loss over groups: at ratio 1 its value is -mean(A) per group, averaged over groups,
-    and its gradient equals the policy gradient written from the method's definition
-    (tests/grpo/surrogate.py) -- direction and size, not only that a gradient exists."""
-    from grpo.policy import recompute
-    from tests.grpo.surrogate import flat_grads, policy_gradient_surrogate
+class _Judge:
+    def __call__(self, images, prompt):
+        raise AssertionError("not called by heldout_metrics")
 
-    cfg, model, tok = small
-    s = settings_from(cfg)
-    stream = PromptStream(["colors"], seed=1, canvas_size=32)
-    pays = [sample_group(model, tok, stream.next_request(group_size=3, base_seed=1, policy_version=0), s)[1]
-            for _ in range(2)]
-    adv = [[1.0, -0.5, 0.25], [0.5, 0.25, -1.0]]
-    loss, stats = groups_loss(model, pays, adv, s)
-    want_value = sum(-sum(a) / len(a) for a in adv) / len(adv)
-    assert stats["loss"] == pytest.approx(want_value, abs=1e-6) and stats["image_clip_frac"] == 0.0
-    params = [p for p in model.parameters() if p.requires_grad]
-    got = torch.autograd.grad(loss, params, allow_unused=True)
-    surrogate = 0.0
-    for pay, a in zip(pays, adv):
-        r = recompute(model, pay.draw_prompts, pay.rollout, think=s.think, cfg=s.flow.cfg)
-        surrogate = surrogate + policy_gradient_surrogate(
-            image_logp=r.image_logp, text_logp=r.text_logp, text_mask=pay.rollout.think.mask,
-            adv=torch.tensor(a), mode="rt2i") / len(pays)
-    want = torch.autograd.grad(surrogate, params, allow_unused=True)
-    g_got, g_want = flat_grads(got, params), flat_grads(want, params)
-    assert g_want.norm() > 0
-    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6 * float(g_want.abs().max()))
-    with pytest.raises(ValueError, match="2 groups but 1"):
-        groups_loss(model, pays, adv[:1], s)
+    def summary(self, verdicts):
+        verdicts = list(verdicts)
+        return {"acc": sum(ok for _, ok in verdicts) / len(verdicts), "n": float(len(verdicts))}
 
 
-def test_refine_group_edits_the_source_and_is_recomputable_on_policy(small):
-    from grpo.policy import recompute
-    from shapes.prompts import generate
+def test_heldout_metrics_by_hand():
+    a, b = PromptRecord(id="a", text="a", category="x", world="w"), PromptRecord(id="b", text="b", category="y")
+    samples = [HeldoutSample(prompt=a, result=_result(0.8, [("Count", 0.9), ("spatial", 0.2)]), judged=True, plan=""),
+               HeldoutSample(prompt=a, result=_result(0.4, [("count", 0.3)]), judged=False, plan=""),
+               HeldoutSample(prompt=b, result=_result(0.6, [("spatial", 0.7), ("count", 0.51)]), judged=None, plan="")]
+    m = heldout_metrics(samples, {"w": _Judge()})
+    assert m["reward/mean"] == pytest.approx(0.6) and m["reward/x"] == pytest.approx(0.6) and m["reward/y"] == 0.6
+    assert m["pass/count"] == pytest.approx(2 / 3) and m["pass/spatial"] == 0.5 and m["pass/all"] == pytest.approx(3 / 5)
+    assert m["judge/acc"] == 0.5 and m["judge/n"] == 2.0          # only the world's prompts, only judged ones
+
+
+class _CountingReward(LocalReward):
+    """The real in-process reward, recording which prompts reach the decomposer."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.calls = []
+
+    def decompose_many(self, requests):
+        self.calls.append([r.prompt for r in requests])
+        return super().decompose_many(requests)
+
+
+def test_scorer_decomposes_each_prompt_once_and_scores_with_audits():
+    import random
+
+    from shapes.layout import sample_scene
+    from shapes.plugin import ShapesWorld
     from shapes.scene import render
 
-    cfg, model, tok = small
-    s = settings_from(cfg)
-    prompt = generate("edit", __import__("random").Random(4), canvas_size=32)
-    source = np.asarray(render(prompt.meaning.source), dtype=np.uint8)
-    req = RefineRequest(index=0, prompt=prompt, source=source, instruction=prompt.text, group_size=3, seed=11,
-                        policy_version=0)
-    meta, pay, img = refine_group(model, tok, req, s)
-    assert img.shape == (3, 32, 32, 3) and img.dtype == np.uint8 and meta.plans == ("", "", "")
-    np.testing.assert_array_equal(img, refine_group(model, tok, req, s)[2])        # seeded
-    assert pay.guidance == s.edit_guidance and pay.guidance.image_scale == cfg.policy.flow.cfg_image_scale
-    # the edit is conditioned on the source: another source, same seed -> other images
-    other = RefineRequest(**{**req.__dict__, "source": np.full_like(source, 255)})
-    assert not np.array_equal(img, refine_group(model, tok, other, s)[2])
-    # the learner recomputes with the payload's own guidance: ratio 1; the run's text-only CFG would not be
-    with torch.no_grad():
-        same = recompute(model, pay.draw_prompts, pay.rollout, think=None, cfg=pay.guidance)
-        text_only = recompute(model, pay.draw_prompts, pay.rollout, think=None, cfg=s.flow.cfg)
-    torch.testing.assert_close(same.image_logp, pay.rollout.flow.logp, atol=1e-5, rtol=0)
-    assert (text_only.image_logp - pay.rollout.flow.logp).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="refine request 0: source must be a uint8"):
-        refine_group(model, tok, RefineRequest(**{**req.__dict__, "source": source.astype(np.float32)}), s)
+    service = _CountingReward(load(["trainer.mode=sync"]))
+    prompts = ShapesWorld().heldout_prompts({"families": ["colors"]})[:2]
+    scorer = Scorer(service)
+    img = np.asarray(render(sample_scene(prompts[0].meaning, random.Random(0), canvas_size=32)), dtype=np.uint8)
+    out = scorer.score([prompts[0], prompts[1], prompts[0]], [img, img, img], key="t")
+    assert service.calls == [[prompts[0].text, prompts[1].text]]
+    scorer.score([prompts[1]], [img], key="t")
+    assert len(service.calls) == 1                                    # cached by prompt id
+    assert [r.key for r in out] == ["t/sample0", "t/sample1", "t/sample2"]
+    assert out[0].reward > 0.9 and out[0].reward == out[2].reward    # drawn to prompt 0's meaning
+    assert out[1].reward < out[0].reward and all(r.reward == r.audit.reward for r in out)
+
+
+def test_load_sources_files_with_bad_rows_overlap_and_length(tmp_path):
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.txt"
+    train.write_text("\n".join(json.dumps({"prompt": p, "tag": "t"}) for p in ["a red apple", "two dogs", ""]) + "\n")
+    held.write_text("a blue bench\n")
+    base = ["trainer.mode=sync", f"data.train.source={train}", f"data.heldout.source={held}"]
+    with pytest.raises(ValueError, match=r"train.jsonl:3: empty prompt"):
+        load_sources(load(base))
+    src = load_sources(load(base + ["data.on_bad_row=skip"]))
+    assert src.skipped == {str(train): {"empty prompt": 1}} and src.judges == {}
+    assert [r.text for r in src.heldout] == ["a blue bench"]
+    assert {src.train.next().text for _ in range(2)} == {"a red apple", "two dogs"}
+    held.write_text("Two  Dogs\n")                                     # the same prompt, spelled otherwise
+    with pytest.raises(ValueError, match=r"train.jsonl:2: 'two dogs' is a held-out prompt \(.*held.txt:1\)"):
+        load_sources(load(base + ["data.on_bad_row=skip"]))
+    train.write_text(json.dumps({"prompt": "word " * 2000}) + "\n")   # cannot fit the shapes model's 1024 positions
+    with pytest.raises(ValueError, match=r"train.jsonl:1: prompt of \d+ tokens is longer than the \d+"):
+        load_sources(load(base))
+
+
+def test_unknown_source_names_the_key_and_the_choices():
+    with pytest.raises(ValueError, match=r"data.train.source='lego'.*registered world.*shapes"):
+        load_sources(load(["trainer.mode=sync", "data.train.source=lego"]))
+    with pytest.raises(ConfigError, match="data.train.source=.*no such file"):
+        load_sources(load(["trainer.mode=sync", "data.train.source=missing.jsonl"]))

@@ -5,26 +5,28 @@ import numpy as np
 
 from shapes.benchmark import benchmark_prompts
 from shapes.detect import analyse
-from shapes.evaluate import DrawConfig, draw
+from shapes.evaluate import PROMPT_FORMAT, DrawConfig, draw, shapes_prompter
 from shapes.judge import judge
 from shapes.tokenizer import build_tokenizer, load as load_tokenizer
 from umm.checkpoint import load_pretrained
+from umm.prompting import PromptFormat
 
 SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "shapes-base"
 
 
 def test_shipped_checkpoint_loads_with_its_tokenizer():
-    model = load_pretrained(SHIPPED, base="shapes")
+    model = load_pretrained(SHIPPED)
     assert sum(p.numel() for p in model.parameters()) < 5_000_000
     assert sum(f.stat().st_size for f in SHIPPED.iterdir()) < 20 * 2**20
     shipped, built = load_tokenizer(SHIPPED / "tokenizer.json"), build_tokenizer()
     assert shipped.get_vocab() == built.get_vocab()
+    assert PromptFormat.load(SHIPPED) == PROMPT_FORMAT          # the world's chat format rides with it
 
 
 def test_shipped_checkpoint_draws_judgeable_images():
-    model = load_pretrained(SHIPPED, base="shapes").eval()
+    model = load_pretrained(SHIPPED).eval()
     prompts = [p for p in benchmark_prompts() if p.family == "single_object"][:6]
-    images, _ = draw(model, build_tokenizer(), prompts, cfg=DrawConfig(num_steps=12, text_scale=2.0))
+    images, _ = draw(model, shapes_prompter(), prompts, cfg=DrawConfig(num_steps=12, text_scale=2.0))
     found = 0
     for p, img in zip(prompts, images):
         arr = np.asarray(img)
@@ -39,8 +41,8 @@ def test_evaluation_shards_pool_to_the_whole_evaluation():
     import pytest
     from shapes.evaluate import accuracy, evaluate
 
-    model = load_pretrained(SHIPPED, base="shapes").eval()
-    tok = build_tokenizer()
+    model = load_pretrained(SHIPPED).eval()
+    tok = shapes_prompter()
     # two prompts of two GenEval categories and of edits (drawn in their own batches)
     prompts = [p for c in ("single_object", "colors", "edit")
                for p in [q for q in benchmark_prompts() if q.family == c][:2]]
