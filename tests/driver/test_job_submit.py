@@ -3,6 +3,7 @@ cluster use, end to end. Stops only the cluster it started (never `ray stop`, wh
 Ray process on the machine)."""
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -53,7 +54,12 @@ def stop_cluster(markers: list[str]) -> None:
 def test_ray_job_submit_runs_the_driver(tmp_path):
     temp_dir = Path(tempfile.mkdtemp(prefix="rayjob", dir="/tmp"))   # short: Ray's socket paths have a length limit
     gcs, dashboard = free_port(), free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # token auth, as documented: the cluster and the client share a token (here a file of this test's
+    # own, so neither ~/.ray/auth_token nor an earlier test's cluster is needed)
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token)}
     markers = [str(temp_dir), f"127.0.0.1:{gcs}"]
     try:
         # every port of its own: the session's test cluster (tests/conftest.py) may hold the defaults,
@@ -66,13 +72,16 @@ def test_ray_job_submit_runs_the_driver(tmp_path):
                         "--num-cpus=4", f"--temp-dir={temp_dir}", "--disable-usage-stats", *ports],
                        check=True, env=env, capture_output=True, timeout=300)
         runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}}
+        unauthenticated = subprocess.run([str(RAY), "job", "list", "--address", f"http://127.0.0.1:{dashboard}"],
+                                         env={**env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "no-such-token")},
+                                         capture_output=True, text=True, timeout=120)
+        assert unauthenticated.returncode != 0           # the cluster really asks for the token
         submit = [str(RAY), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
                   "--runtime-env-json", json.dumps(runtime_env), "--",
                   sys.executable, "-m", "driver.main", *SMALL, f"run.out_dir={tmp_path}"]
         deadline = time.time() + 120
         while True:   # right after `ray start` the dashboard's job agent may not be up yet
-            out = subprocess.run(submit, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
-                                 timeout=900)
+            out = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
             log = out.stdout + out.stderr
             if out.returncode == 0 or "No available agent" not in log or time.time() > deadline:
                 break
