@@ -16,6 +16,7 @@ import torch
 
 from grpo.groups import EvalRequest, GroupRequest, PolicySettings, draw_heldout, sample_group
 from grpo.loading import PolicyConfig, load_policy, load_prompter, save_policy
+from grpo.srr import SRRConfig
 from worlds.base import Judge
 from worlds.records import PromptRecord
 
@@ -29,6 +30,7 @@ class RolloutSpec:
     """What a policy replica needs (picklable: it crosses into the actor)."""
     policy: PolicyConfig
     settings: PolicySettings
+    srr: SRRConfig | None = None                              # the SRR episode's settings (refine actors)
     judges: dict[str, Judge] = field(default_factory=dict)   # world name -> its judge (records name their world)
     bucket_bytes: int = 32 << 20                              # weight-sync bucket size (the learner's)
     threads: int = 1                                          # torch intra-op threads in the actor

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from grpo.loading import PolicyConfig
 from grpo.policy import LossConfig
+from grpo.srr import SelfRefineConfig, SRRConfig
 from grpo.advantages import STD_SCOPES
 from reward_service.aggregate import MODES as REWARD_MODES, PARENT_RULES
 from reward_service.reward import RewardConfig
@@ -74,6 +75,8 @@ class TrainerConfig:
     groups_per_step: int = 4         # B: GRPO groups per optimizer step
     max_staleness: int = 0           # policy versions a group may lag the learner (0 = on-policy)
     drop_zero_variance: bool = True  # drop groups whose rewards are all equal and refill
+    shuffle_advantages: bool = False # a control for experiments: permute each batch's advantages across its
+                                     # trajectories (seeded), so updates keep their size but carry no reward signal
     std_scope: str = "batch"
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -115,6 +118,13 @@ class PoolsConfig:
 
 
 @dataclass
+class TasksConfig:
+    """The two tasks' shares of each batch's groups (either may be 0, not both)."""
+    rt2i: float = 1.0                # reasoning text-to-image: plan, then draw (the rollout pool)
+    srr: float = 0.0                 # self-reflective refinement: critique own image, redraw it (the refine pool)
+
+
+@dataclass
 class EvalConfig:
     enabled: bool = True             # held-out evaluation (data.heldout) before and after training
     prompts_per_category: int = 8    # the first N held-out prompts of each category (0 = all)
@@ -134,6 +144,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardSection = field(default_factory=RewardSection)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    srr: SRRConfig = field(default_factory=SRRConfig)
+    refine: SelfRefineConfig = field(default_factory=SelfRefineConfig)   # inference-time SRR (python -m driver.refine)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -167,10 +180,20 @@ def validate(cfg: Config) -> Config:
     try:
         p.validate("policy")
         t.loss.validate("trainer.loss")
+        if cfg.tasks.srr > 0:
+            cfg.srr.validate("srr")
         cfg.data.validate("data")
     except (ComponentConfigError, DataConfigError) as e:
         raise ConfigError(str(e)) from None
+    from driver.srr import TaskMix
     _choice("trainer.mode", t.mode, MODES)
+    if min(cfg.tasks.rt2i, cfg.tasks.srr) < 0 or cfg.tasks.rt2i + cfg.tasks.srr <= 0:
+        raise ConfigError(f"tasks: rt2i={cfg.tasks.rt2i}, srr={cfg.tasks.srr}: shares must be >= 0, not both 0")
+    if cfg.tasks.srr > 0 and TaskMix.of(vars(cfg.tasks), t.groups_per_step).srr == 0:
+        raise ConfigError(f"tasks.srr={cfg.tasks.srr}: rounds to no SRR group of trainer.groups_per_step="
+                          f"{t.groups_per_step}; raise one of them")
+    if cfg.tasks.srr > 0 and t.mode == "pipeline" and pools.refine.num < 1:
+        raise ConfigError("tasks.srr > 0 needs the refine pool: pools.refine.num >= 1")
     _choice("trainer.std_scope", t.std_scope, STD_SCOPES)
     _choice("reward.mode", cfg.reward.mode, REWARD_MODES)
     _choice("reward.parent_rule", cfg.reward.parent_rule, PARENT_RULES)
@@ -204,9 +227,11 @@ def validate(cfg: Config) -> Config:
     if t.mode == "pipeline" and n % pools.learner.world_size:
         raise ConfigError(f"trainer.groups_per_step * data.group_size = {n} trajectories per step must divide "
                           f"evenly over pools.learner.world_size={pools.learner.world_size}")
-    if t.mode == "pipeline" and t.groups_per_step % pools.learner.world_size:
-        raise ConfigError(f"trainer.groups_per_step={t.groups_per_step}: must be a multiple of "
-                          f"pools.learner.world_size={pools.learner.world_size} (each rank trains whole groups)")
+    mix = TaskMix.of(vars(cfg.tasks), t.groups_per_step)
+    if t.mode == "pipeline" and (mix.rt2i % pools.learner.world_size or mix.srr % pools.learner.world_size):
+        raise ConfigError(f"trainer.groups_per_step={t.groups_per_step} with tasks {vars(cfg.tasks)} gives {mix.rt2i} "
+                          f"RT2I and {mix.srr} SRR groups a step: each must be a multiple of pools.learner.world_size="
+                          f"{pools.learner.world_size} (each rank trains whole groups, the same of each task)")
     return cfg
 
 

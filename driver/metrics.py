@@ -25,14 +25,21 @@ class StepRecord:
     stale_dropped: int               # groups too far behind (max_staleness) since the previous step
     image_clip_frac: float = 0.0     # share of trained SDE steps whose ratio left the PPO clip range
     question_pass: dict[str, float] = field(default_factory=dict)   # DVReward question category -> pass rate
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # per task: groups, reward (SRR: initial
+                                                                      # reward, improved share, rectified)
+    srr_skipped: int = 0             # SRR sub-batches dropped by the skip rule since the previous step
     seconds: dict[str, float] = field(default_factory=dict)   # stage -> seconds (wall, this step)
 
     def line(self) -> str:
         times = " ".join(f"{k}={v:.1f}s" for k, v in self.seconds.items())
         judge = f" judge {self.judge_acc:5.1%}" if self.judge_acc is not None else ""
         passes = " ".join(f"{k[:5]} {v:.0%}" for k, v in self.question_pass.items() if k != "all")
+        srr = self.tasks.get("srr")
+        srr = (f" | srr {srr['groups']:.0f}g r {srr['reward']:.3f} (initial {srr['initial_reward']:.3f}) "
+               f"improved {srr['improved']:.0%} rectified {srr['rectified']:.0f} skipped {self.srr_skipped}"
+               if srr else "")
         return (f"step {self.step:4d} v{self.policy_version} | reward {self.reward_mean:.3f}±{self.reward_std:.3f}"
-                f"{judge} | pass {passes} | loss {self.loss:+.4f} clip {self.image_clip_frac:.0%} "
+                f"{judge} | pass {passes}{srr} | loss {self.loss:+.4f} clip {self.image_clip_frac:.0%} "
                 f"| stale max {self.staleness_max} "
                 f"mean {self.staleness_mean:.2f} | dropped zero-var {self.zero_variance_dropped} "
                 f"stale {self.stale_dropped} | {times}")
@@ -42,6 +49,23 @@ def batch_judge_acc(metas) -> float | None:
     """The judge's accuracy over the images of a batch's groups (GroupMeta.judged); None without a judge."""
     judged = [ok for m in metas if m.judged is not None for ok in m.judged]
     return sum(judged) / len(judged) if judged else None
+
+
+def task_metrics(batch) -> dict[str, dict[str, float]]:
+    """Per task of a batch of groups (driver.lanes.Ready): groups and mean DVReward; SRR also the mean
+    reward of the initial images, the share of refinements that beat theirs, and how many were rectified."""
+    from driver.srr import rectify
+    out: dict[str, dict[str, float]] = {}
+    for task in sorted({g.task for g in batch}):
+        groups = [g for g in batch if g.task == task]
+        raw = [r for g in groups for r in g.raw_rewards()]
+        m = {"groups": float(len(groups)), "reward": statistics.fmean(raw)}
+        if task == "srr":
+            fixed = [rectify(g.episode, g.raw_rewards()) for g in groups]
+            m.update(initial_reward=statistics.fmean(g.episode.initial_reward for g in groups),
+                     improved=sum(f.improved for f in fixed) / len(raw), rectified=float(sum(f.rectified for f in fixed)))
+        out[task] = m
+    return out
 
 
 def reward_stats(rewards: list[list[float]]) -> tuple[float, float]:

@@ -1,11 +1,14 @@
 """The streaming trainer on Ray (`trainer.mode=pipeline`). The whole dataflow is in `Pipeline.run`:
 
-    GroupStream ─► RolloutWorker ×N ──meta──► driver             (index, version, plans, judge verdicts)
+    lanes (driver.lanes), one per task:
+      RT2I  GroupStream ─► RolloutWorker ×N ──meta──► driver      (index, version, plans, judge verdicts)
+      SRR   episodes   ─► RefineWorker ×M  (candidates ─► scored ─► initial picked ─► reflect)
                           │ payload ref ─────────────────────┐   (tokens, latents, log-probs)
-                          └─ images ref ──► RewardService ──► driver (rewards: small)
-    driver: ordered batch of B groups ─► advantages ─► LearnerWorker ×W (ZeRO-3), each pulls its
-            shard's payload refs from the object store ─► step ─► weights gathered bucket by bucket
-            ─► broadcast on the weight group ─► every RolloutWorker (version + checksum checked)
+                          └─ images ref ──► RewardService ──► driver (rewards + audits: small)
+    driver: each lane's quota of groups, in stream order ─► advantages ─► LearnerWorker ×W (ZeRO-3),
+            each pulls its shard's payload refs from the object store ─► step ─► weights gathered
+            bucket by bucket ─► broadcast on the weight group ─► every rollout and refine actor
+            (version + checksum checked)
 
 The driver moves refs and small records only. Every rollout slot is kept busy as long as the
 staleness bound allows: a group sampled at policy version v may be trained on at learner version L
@@ -16,38 +19,20 @@ the sync baseline sees (same prompts, same seeds, same weights).
 from __future__ import annotations
 
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from driver.config import Config
-from driver.metrics import MetricsLog, StepRecord, batch_judge_acc, reward_stats
-from driver.stages import (GroupStream, Scorer, heldout_metrics, heldout_requests, heldout_samples, load_sources,
-                           settings_from)
-from driver.sync import RunResult, is_zero_variance
-from grpo.groups import GroupMeta, GroupRequest, batch_advantages
+from driver.lanes import Counters, Lane, Ready, RT2ILane, Slot, SRRLane
+from driver.metrics import MetricsLog, StepRecord, batch_judge_acc, reward_stats, task_metrics
+from driver.srr import SRR_SEED_OFFSET, TaskMix
+from driver.stages import (Scorer, heldout_metrics, heldout_requests, heldout_samples, load_sources, settings_from,
+                           shuffled_advantages)
+from driver.sync import RunResult
+from grpo.groups import batch_advantages
 from grpo.loading import PolicyFactory
 from reward_service.report import question_pass_rates
-
-
-@dataclass(kw_only=True)
-class Slot:
-    """A rollout actor and what it is doing."""
-    actor: object
-    index: int
-    version: int = 0
-    busy: object = None               # the meta ref of the group it is sampling
-    syncing: bool = False
-
-
-@dataclass(kw_only=True)
-class Ready:
-    """A sampled group waiting for (or done with) its reward."""
-    req: GroupRequest
-    meta: GroupMeta
-    payload_ref: object
-    rewards: Future | None = None     # -> list[ScoreResult] (reward + audit per image)
 
 
 @dataclass(kw_only=True)
@@ -63,13 +48,6 @@ class Update:
     @property
     def refs(self) -> list:
         return self.step + self.send + self.receive
-
-
-@dataclass(kw_only=True)
-class Counters:
-    zero_variance: int = 0
-    stale: int = 0
-    staleness_seen: list[int] = field(default_factory=list)   # learner version - group version, per trained group
 
 
 class Pipeline:
@@ -91,7 +69,7 @@ class Pipeline:
         check_resources(cfg, ray.cluster_resources())
         self.settings, self.sources = settings_from(cfg), load_sources(cfg)
         p = cfg.pools
-        spec = RolloutSpec(policy=cfg.policy, settings=self.settings, judges=self.sources.judges,
+        spec = RolloutSpec(policy=cfg.policy, settings=self.settings, srr=cfg.srr, judges=self.sources.judges,
                            bucket_bytes=int(p.learner.bucket_mb * (1 << 20)))
         # the learner ranks first, all or nothing: nothing else is started if they cannot be placed
         self.learner_group, learner_opts = learner_placement(ray, p.learner)
@@ -101,8 +79,8 @@ class Pipeline:
                       for i in range(p.rollout.num)]
         # the refinement pool (SRR): policy replicas that take every weight broadcast like the rollout actors
         refine_cls = ray.remote(RefineWorker)
-        self.refiners = [refine_cls.options(**_actor_options(p.refine)).remote(spec, i)
-                         for i in range(p.refine.num)]
+        self.refine_slots = [Slot(actor=refine_cls.options(**_actor_options(p.refine)).remote(spec, i), index=i)
+                             for i in range(p.refine.num)]
         r = cfg.reward
         cache = r.cache or None
         self.reward = RewardService(RewardServiceConfig(
@@ -143,34 +121,48 @@ class Pipeline:
         self.weight_lane = self.ray.get(joins)[0]
 
     @property
+    def refiners(self) -> list:
+        return [s.actor for s in self.refine_slots]
+
+    @property
     def replicas(self) -> list:
         """Every actor holding a policy copy, in weight-group rank order (rollout, then refine)."""
-        return [s.actor for s in self.slots] + self.refiners
+        return [s.actor for s in self.slots + self.refine_slots]
 
-    # -- stages -----------------------------------------------------------------------------------
-    def _score(self, req: GroupRequest, image_refs: list) -> list:
-        """Runs on the scoring thread: the verifier actors fetch the images from the object store."""
-        return self.scorer.score([req.prompt] * len(image_refs), image_refs, key=f"group{req.index}")
+    def lanes(self, counters: Counters) -> list[Lane]:
+        """One lane per task with a share of the batch (driver.lanes); the scoring thread is shared."""
+        cfg, t = self.cfg, self.cfg.trainer
+        mix = TaskMix.of(vars(cfg.tasks), t.groups_per_step)
+        common = dict(max_staleness=t.max_staleness, group_size=cfg.data.group_size, scorer=self.scorer,
+                      scoring=self.scoring, counters=counters)
+        lanes: list[Lane] = [RT2ILane(slots=self.slots, quota=mix.rt2i, stream=self.sources.train,
+                                      base_seed=cfg.run.seed, drop_zero_variance=t.drop_zero_variance, **common)]
+        if mix.srr:
+            seed = cfg.run.seed + SRR_SEED_OFFSET
+            lanes.append(SRRLane(slots=self.refine_slots, quota=mix.srr, stream=self.sources.stream(seed),
+                                 base_seed=seed, srr=cfg.srr, **common))
+        return lanes
 
     def start_update(self, batch: list[Ready], advantages: list[list[float]]) -> Update:
         """Queue one optimizer step and the weight broadcast after it.
 
-        Each learner rank gets whole groups and pulls their trajectories from the object store (refs
-        passed as arguments). Actor tasks run in submission order, so on learner rank 0 the manifest
-        is read after the step and before the broadcast, and each rollout actor joins the broadcast
-        after the group it is sampling."""
-        W = len(self.learners)
-        per = len(batch) // W
-        step = [learner.train_groups.remote(advantages[r * per:(r + 1) * per], self.settings,
-                                            *[g.payload_ref for g in batch[r * per:(r + 1) * per]])
-                for r, learner in enumerate(self.learners)]
+        Each learner rank gets whole groups, the same number of each task in the same order (ZeRO-3
+        gathers a module's weights as every rank enters it: the ranks' forward passes must call the same
+        modules in the same order, and an SRR group calls the vision encoder an RT2I group does not),
+        and pulls their trajectories from the object store (refs passed as arguments). Actor tasks run
+        in submission order, so on learner rank 0 the manifest is read after the step and before the
+        broadcast, and each rollout actor joins the broadcast after the group it is sampling."""
+        shards = rank_shards([g.task for g in batch], len(self.learners))
+        step = [learner.train_groups.remote([advantages[i] for i in shard], self.settings,
+                                            *[batch[i].payload for i in shard])
+                for learner, shard in zip(self.learners, shards)]
         manifest = self.learners[0].weight_manifest.remote()
         send = [a.broadcast_weights.remote() for a in self.learners]
         recv = [actor.receive_weights.remote(manifest) for actor in self.replicas]
-        for s in self.slots:
+        for s in self.slots + self.refine_slots:
             s.syncing = True
         return Update(step=step, send=send, receive=recv, batch=batch, started=time.perf_counter(),
-                      staleness=[self.version - g.req.policy_version for g in batch])
+                      staleness=[self.version - g.policy_version for g in batch])
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, *, log: MetricsLog | None = None, on_step=None) -> RunResult:
@@ -180,118 +172,74 @@ class Pipeline:
         result = RunResult()
         if cfg.eval.enabled:
             result.before = self.evaluate()
-        stream = GroupStream(self.sources.train, group_size=cfg.data.group_size, base_seed=cfg.run.seed)
-        B, s_max = t.groups_per_step, t.max_staleness
-        sampling: dict = {}                 # meta ref -> (slot, req, payload ref, images ref)
-        done: dict[int, Ready] = {}         # index -> sampled group
-        order: deque[int] = deque()         # indices in stream order, not yet consumed or dropped
         counters = Counters()
+        lanes = self.lanes(counters)
         step, update = 0, None              # the Update in flight
-        dropped_since = [0, 0]
         while step < t.steps:
+            # 1. keep every free slot working, as far as the staleness bound allows
             pending_version = self.version + (1 if update is not None else 0)
-            # 1. keep every free slot sampling, as far as the staleness bound allows
-            for slot in self.slots:
-                if slot.busy is not None or slot.syncing:
-                    continue
-                if pending_version - slot.version > s_max:
-                    continue
-                if s_max == 0 and len(order) >= B:
-                    continue                 # on-policy: sample exactly what the next step needs
-                if len(order) >= B * (1 + s_max):
-                    continue
-                req = stream.next_request(policy_version=slot.version)
-                meta_ref, payload_ref, *image_refs = slot.actor.sample.options(
-                    num_returns=2 + req.group_size).remote(req)
-                slot.busy = meta_ref
-                sampling[meta_ref] = (slot, req, payload_ref, image_refs)
-                order.append(req.index)
-            # 2. wait for anything: a finished group, a finished update
-            waitables = list(sampling)
-            if update is not None:
-                waitables += update.refs
+            for lane in lanes:
+                lane.poll()
+                lane.fill(pending_version)
+            # 2. wait for anything: finished work, a finished update
+            waitables = [r for lane in lanes for r in lane.waitables()] + (update.refs if update else [])
             ready_refs, _ = ray.wait(waitables, num_returns=1, timeout=0.05) if waitables else ([], [])
             for ref in ready_refs:
-                if ref in sampling:
-                    slot, req, payload_ref, image_refs = sampling.pop(ref)
-                    slot.busy = None
-                    meta = ray.get(ref)       # raises if sampling failed (e.g. the worker refused stale weights)
-                    result.trajectories += req.group_size
-                    done[req.index] = Ready(req=req, meta=meta, payload_ref=payload_ref,
-                                            rewards=self.scoring.submit(self._score, req, image_refs))
+                any(lane.handle(ref, ray) for lane in lanes)
             # 3. an update finished: record it, bump versions
             if update is not None and _all_done(ray, update.refs):
-                results = ray.get(update.step)
-                sent = ray.get(update.send)
-                versions = ray.get(update.receive)
-                self.version = results[0].version
-                for slot, v in zip(self.slots, versions):
-                    slot.version, slot.syncing = v, False
-                rec = self._record(step, update, results, sent, dropped_since)
+                rec = self._finish_update(step, update, counters)
                 result.steps.append(rec)
-                if result.first_loss is None:
-                    result.first_loss = rec.loss
+                result.first_loss = rec.loss if result.first_loss is None else result.first_loss
                 if log is not None:
                     log.add(rec)
                 if on_step is not None:
                     on_step(self, rec)
-                dropped_since = [0, 0]
-                step += 1
-                update = None
-                if step >= t.steps:
-                    break
-            # 4. drop what cannot be used; when B groups in stream order are scored, start an update
-            if update is None:
-                batch = self._take_batch(order, done, B, counters, dropped_since)
-                if batch is not None:
-                    adv = batch_advantages([_rewards(g) for g in batch], std_scope=t.std_scope)
-                    update = self.start_update(batch, adv.per_group)
+                step, update = step + 1, None
+            # 4. once every lane has its quota of usable groups (in stream order), start an update
+            if update is None and step < t.steps:
+                picks = [lane.peek(self.version) for lane in lanes]
+                if all(p is not None for p in picks):
+                    batch = [g for lane, p in zip(lanes, picks) for g in lane.pop(p)]
+                    adv = batch_advantages([g.rewards() for g in batch], std_scope=t.std_scope).per_group
+                    if t.shuffle_advantages:
+                        adv = shuffled_advantages(adv, seed=cfg.run.seed * 1_000_003 + step)
+                    update = self.start_update(batch, adv)
                     counters.staleness_seen += update.staleness
+        result.trajectories = sum(lane.trajectories for lane in lanes)
         if cfg.eval.enabled:
             result.after = self.evaluate()
         result.seconds = time.perf_counter() - t_start
         self.counters = counters
         return result
 
-    def _take_batch(self, order: deque, done: dict, B: int, counters: Counters, dropped_since: list[int]):
-        """The first B usable groups in stream order, once all of them are scored; drops on the way."""
-        picked = []
-        for idx in list(order):
-            g = done.get(idx)
-            if g is None or not g.rewards.done():
-                return None                    # keep stream order: wait for this one
-            rewards = _rewards(g)              # raises if the reward failed: an error, never a 0
-            if self.version - g.req.policy_version > self.cfg.trainer.max_staleness:
-                counters.stale += 1
-                dropped_since[1] += 1
-                order.remove(idx)
-                continue
-            if self.cfg.trainer.drop_zero_variance and is_zero_variance(rewards):
-                counters.zero_variance += 1
-                dropped_since[0] += 1
-                order.remove(idx)
-                continue
-            picked.append(idx)
-            if len(picked) == B:
-                for i in picked:
-                    order.remove(i)
-                return [done.pop(i) for i in picked]
-        return None
+    def _finish_update(self, step: int, update: Update, counters: Counters) -> StepRecord:
+        """Collect a finished update: the new version on every replica, and the step's record."""
+        results, sent = self.ray.get(update.step), self.ray.get(update.send)
+        versions = self.ray.get(update.receive)
+        self.version = results[0].version
+        for slot, v in zip(self.slots + self.refine_slots, versions):
+            slot.version, slot.syncing = v, False
+        rec = self._record(step, update, results, sent, counters)
+        counters.since = {k: 0 for k in counters.since}
+        return rec
 
-    def _record(self, step: int, update: Update, results, sent, dropped_since: list[int]) -> StepRecord:
+    def _record(self, step: int, update: Update, results, sent, counters: Counters) -> StepRecord:
         batch, stale = update.batch, update.staleness
-        mean, std = reward_stats([_rewards(g) for g in batch])
+        mean, std = reward_stats([g.rewards() for g in batch])
         loss = sum(r.loss for r in results) / len(results) if results else 0.0
         st = [r.stats for r in results]
         return StepRecord(step=step, policy_version=self.version, groups=len(batch), reward_mean=mean,
                           reward_std=std, judge_acc=batch_judge_acc([g.meta for g in batch]), loss=loss,
-                          question_pass=question_pass_rates(s.audit for g in batch for s in g.rewards.result()),
+                          question_pass=question_pass_rates(s.audit for g in batch for s in g.scores.result()),
+                          tasks=task_metrics(batch), srr_skipped=counters.since["srr_skipped"],
                           image_loss=sum(s.get("image_loss", 0.0) for s in st) / len(st),
                           text_loss=sum(s.get("text_loss", 0.0) for s in st) / len(st),
                           staleness_max=max(stale), staleness_mean=sum(stale) / len(stale),
-                          zero_variance_dropped=dropped_since[0], stale_dropped=dropped_since[1],
+                          zero_variance_dropped=counters.since["zero_variance"],
+                          stale_dropped=counters.since["stale"],
                           image_clip_frac=sum(s.get("image_clip_frac", 0.0) for s in st) / len(st),
-                          seconds={"rollout": sum(g.meta.seconds for g in batch) / max(1, len(self.slots)),
+                          seconds={"rollout": sum(g.meta.seconds for g in batch) / max(1, len(self.replicas)),
                                    "learn+sync": time.perf_counter() - update.started,
                                    "learn": max(r.seconds for r in results),        # slowest rank's step
                                    "sync": max(x.seconds for x in sent)})
@@ -342,12 +290,21 @@ def _all_done(ray, refs: list) -> bool:
     return len(ready) == len(refs)
 
 
+def rank_shards(tasks: list[str], world_size: int) -> list[list[int]]:
+    """Batch positions per learner rank: each task's groups dealt out in equal contiguous runs, every rank
+    taking its run of each task in the same task order (the config makes each task's quota divide)."""
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for task in dict.fromkeys(tasks):
+        where = [i for i, t in enumerate(tasks) if t == task]
+        if len(where) % world_size:
+            raise ValueError(f"rank_shards: {len(where)} {task} groups do not divide over {world_size} learner ranks")
+        per = len(where) // world_size
+        for r in range(world_size):
+            shards[r] += where[r * per:(r + 1) * per]
+    return shards
+
+
 def _actor_options(pool) -> dict:
     """Ray actor options of a pool section: its resources, and its env as the actors' runtime env."""
     env = {"runtime_env": {"env_vars": dict(pool.env)}} if pool.env else {}
     return {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus, **env}
-
-
-def _rewards(group: Ready) -> list[float]:
-    """A scored group's rewards (raises if its scoring failed)."""
-    return [r.reward for r in group.rewards.result()]

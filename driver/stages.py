@@ -103,6 +103,21 @@ def heldout_requests(prompts: Sequence[PromptRecord], ev: EvalConfig, *, policy_
     return out
 
 
+def shuffled_advantages(per_group: list[list[float]], *, seed: int) -> list[list[float]]:
+    """The control of an experiment (trainer.shuffle_advantages): the batch's advantages permuted across
+    all its trajectories (seeded), same group shapes. Whatever a run learns with this is not the reward's
+    doing: the same updates' size and noise, no signal."""
+    import random
+
+    flat = [a for g in per_group for a in g]
+    random.Random(seed).shuffle(flat)
+    out, k = [], 0
+    for g in per_group:
+        out.append(flat[k:k + len(g)])
+        k += len(g)
+    return out
+
+
 class LocalReward:
     """DVReward in this process (sync mode): the same DecomposerWorker and VerifierWorker classes the
     Ray pools run, called directly, behind the RewardService's two methods."""

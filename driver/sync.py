@@ -8,17 +8,22 @@ comparison and as the denominator of the pipeline's speed-up (bench P1).
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from driver.config import Config
-from driver.metrics import MetricsLog, StepRecord, batch_judge_acc, reward_stats
+from driver.lanes import Counters, Ready
+from driver.metrics import MetricsLog, StepRecord, batch_judge_acc, reward_stats, task_metrics
+from driver.srr import SRR_SEED_OFFSET, Episode, TaskMix, choose_initial, rectify
 from driver.stages import (GroupStream, LocalReward, Scorer, heldout_metrics, heldout_requests,
-                           heldout_samples, load_sources, settings_from)
+                           heldout_samples, load_sources, settings_from,
+                           shuffled_advantages)
 from grpo.groups import PolicySettings, batch_advantages, draw_heldout, groups_loss, sample_group
 from grpo.loading import load_policy, load_prompter, save_policy
+from grpo.srr import draw_candidates, reflect_group
 from reward_service.report import question_pass_rates
 from worlds.load import Sources
 
@@ -49,6 +54,73 @@ def evaluate_local(model, prompter, sources: Sources, settings: PolicySettings, 
     return heldout_metrics(samples, sources.judges)
 
 
+def done(value) -> Future:
+    """A future that already holds `value` (sync mode's groups carry their scores like the pipeline's)."""
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+class LocalTasks:
+    """Sync mode's groups of each task, drawn and scored in this process with the same units as the
+    pipeline's lanes (driver.lanes): the same streams and seeds, the same drops and skip rule."""
+
+    def __init__(self, cfg: Config, model, prompter, sources: Sources, settings: PolicySettings, scorer: Scorer,
+                 counters: Counters) -> None:
+        self.cfg, self.model, self.prompter, self.sources = cfg, model, prompter, sources
+        self.settings, self.scorer, self.counters = settings, scorer, counters
+        self.mix = TaskMix.of(vars(cfg.tasks), cfg.trainer.groups_per_step)
+        self.rt2i = GroupStream(sources.train, group_size=cfg.data.group_size, base_seed=cfg.run.seed)
+        seed = cfg.run.seed + SRR_SEED_OFFSET
+        self.srr_stream, self.srr_seed, self.srr_index = sources.stream(seed), seed, 0
+        self.trajectories = 0
+
+    def batch(self, version: int) -> list[Ready]:
+        return self._rt2i(version) + self._srr(version)
+
+    def _rt2i(self, version: int) -> list[Ready]:
+        out = []
+        while len(out) < self.mix.rt2i:
+            req = self.rt2i.next_request(policy_version=version)
+            meta, payload, images = sample_group(self.model, self.prompter, req, self.settings,
+                                                 judge=self.sources.judges.get(req.prompt.world))
+            scored = self.scorer.score([req.prompt] * len(images), list(images), key=f"group{req.index}")
+            self.trajectories += len(images)
+            g = Ready(task="rt2i", index=req.index, prompt=req.prompt, policy_version=version, meta=meta,
+                      payload=payload, scores=done(scored))
+            if self.cfg.trainer.drop_zero_variance and is_zero_variance(g.rewards()):
+                self.counters.add("zero_variance")
+                continue
+            out.append(g)
+        return out
+
+    def _srr(self, version: int) -> list[Ready]:
+        srr, G = self.cfg.srr, self.cfg.data.group_size
+        while self.mix.srr:
+            out = []
+            for _ in range(self.mix.srr):
+                episode = Episode(index=self.srr_index, prompt=self.srr_stream.next(), stage1_version=version,
+                                  seed=self.srr_seed * 1_000_003 + self.srr_index)
+                self.srr_index += 1
+                judge = self.sources.judges.get(episode.prompt.world)
+                _, cands = draw_candidates(self.model, self.prompter, episode.candidates(srr.candidates),
+                                           self.settings, srr, judge=judge)
+                stage1 = self.scorer.score([episode.prompt] * len(cands), list(cands),
+                                           key=f"srr{episode.index}/stage1")
+                chosen = choose_initial(episode, [r.reward for r in stage1], srr)
+                meta, payload, images = reflect_group(self.model, self.prompter,
+                                                      episode.reflect(group_size=G, policy_version=version),
+                                                      cands[chosen], self.settings, srr, judge=judge)
+                scored = self.scorer.score([episode.prompt] * len(images), list(images), key=f"srr{episode.index}")
+                self.trajectories += len(images)
+                out.append(Ready(task="srr", index=episode.index, prompt=episode.prompt, policy_version=version,
+                                 meta=meta, payload=payload, scores=done(scored), episode=episode))
+            if any(rectify(g.episode, g.raw_rewards()).improved for g in out):
+                return out
+            self.counters.add("srr_skipped")        # the skip rule: no refinement improved anywhere
+        return []
+
+
 def train_sync(cfg: Config, *, log: MetricsLog | None = None, model=None, save_to: str | Path | None = None
                ) -> RunResult:
     """The one-process baseline; `save_to`: write the trained policy there as a checkpoint."""
@@ -60,51 +132,42 @@ def train_sync(cfg: Config, *, log: MetricsLog | None = None, model=None, save_t
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)
     scorer = Scorer(LocalReward(cfg))
-    stream = GroupStream(sources.train, group_size=cfg.data.group_size, base_seed=cfg.run.seed)
+    counters = Counters()
+    tasks = LocalTasks(cfg, model, prompter, sources, settings, scorer, counters)
     result = RunResult()
     if cfg.eval.enabled:
         result.before = evaluate_local(model, prompter, sources, settings, cfg, scorer, policy_version=0)
     version = 0
     for step in range(cfg.trainer.steps):
-        times = {"rollout": 0.0, "reward": 0.0}
-        batch, dropped = [], 0
-        while len(batch) < cfg.trainer.groups_per_step:
-            req = stream.next_request(policy_version=version)
-            t0 = time.perf_counter()
-            meta, payload, images = sample_group(model, prompter, req, settings,
-                                                 judge=sources.judges.get(req.prompt.world))
-            t1 = time.perf_counter()
-            scored = scorer.score([req.prompt] * len(images), list(images), key=f"group{req.index}")
-            rewards = [s.reward for s in scored]
-            times["rollout"] += t1 - t0
-            times["reward"] += time.perf_counter() - t1
-            result.trajectories += len(rewards)
-            if cfg.trainer.drop_zero_variance and is_zero_variance(rewards):
-                dropped += 1
-                continue
-            batch.append((payload, rewards, meta, scored))
         t0 = time.perf_counter()
-        adv = batch_advantages([b[1] for b in batch], std_scope=cfg.trainer.std_scope)
-        loss, stats = groups_loss(model, [b[0] for b in batch], adv.per_group, settings)
+        batch = tasks.batch(version)
+        t1 = time.perf_counter()
+        adv = batch_advantages([g.rewards() for g in batch], std_scope=cfg.trainer.std_scope).per_group
+        if cfg.trainer.shuffle_advantages:
+            adv = shuffled_advantages(adv, seed=cfg.run.seed * 1_000_003 + step)
+        loss, stats = groups_loss(model, [g.payload for g in batch], adv, settings)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.trainer.grad_clip)
         opt.step()
         version += 1
-        times["learn"] = time.perf_counter() - t0
-        mean, std = reward_stats([b[1] for b in batch])
+        mean, std = reward_stats([g.rewards() for g in batch])
         rec = StepRecord(step=step, policy_version=version, groups=len(batch), reward_mean=mean, reward_std=std,
-                         judge_acc=batch_judge_acc([b[2] for b in batch]),
-                         question_pass=question_pass_rates(s.audit for b in batch for s in b[3]),
+                         judge_acc=batch_judge_acc([g.meta for g in batch]),
+                         question_pass=question_pass_rates(s.audit for g in batch for s in g.scores.result()),
+                         tasks=task_metrics(batch), srr_skipped=counters.since["srr_skipped"],
                          loss=stats["loss"], image_loss=stats["image_loss"],
                          text_loss=stats["text_loss"], staleness_max=0, staleness_mean=0.0,
-                         zero_variance_dropped=dropped, stale_dropped=0, image_clip_frac=stats["image_clip_frac"],
-                         seconds=times)
+                         zero_variance_dropped=counters.since["zero_variance"], stale_dropped=0,
+                         image_clip_frac=stats["image_clip_frac"],
+                         seconds={"rollout+reward": t1 - t0, "learn": time.perf_counter() - t1})
+        counters.since = {k: 0 for k in counters.since}
         if result.first_loss is None:
             result.first_loss = stats["loss"]
         result.steps.append(rec)
         if log is not None:
             log.add(rec)
+    result.trajectories = tasks.trajectories
     if cfg.eval.enabled:
         result.after = evaluate_local(model, prompter, sources, settings, cfg, scorer, policy_version=version)
     if save_to is not None:

@@ -74,11 +74,14 @@ class GroupMeta:
 
 @dataclass(kw_only=True)
 class GroupPayload:
-    """What the learner needs to recompute a group's log-probs (fp32 tensors)."""
+    """What the learner needs to recompute a group's log-probs (fp32 tensors): the trajectories and the
+    sampling settings they were drawn with (the learner must score with the same ones: ratio 1)."""
     index: int
     draw_prompts: list[DrawPrompt]   # G copies of the prompt's context
     rollout: Rollout
-    guidance: CFGConfig | None = None  # the CFG the group was drawn with when not the run's (edits)
+    think: ThinkConfig | None        # how the text was sampled (its temperature); None: no text written
+    guidance: CFGConfig | None = None  # the CFG the group was drawn with when not the run's (edits, SRR)
+    task: str = "rt2i"               # "rt2i" | "srr": the text term's weight (grpo.losses.text_weight_for)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,10 +117,11 @@ def _plans(prompter: Prompter, ro: Rollout) -> tuple[str, ...]:
     return tuple(prompter.plan_text(row[mask]) for row, mask in zip(ro.think.tokens, ro.think.mask))
 
 
-def _draw(model: UnifiedModel, prompter: Prompter, judge: Judge | None, prompts: list[PromptRecord],
-          dps: list[DrawPrompt], *, seed: int, think: ThinkConfig | None, flow: FlowConfig, canvas_size: int,
-          policy_version: int) -> tuple[Rollout, np.ndarray, tuple[str, ...], tuple[bool, ...] | None]:
-    """The one think-then-draw path of training, refinement and evaluation: roll out, decode, judge."""
+def draw_rollout(model: UnifiedModel, prompter: Prompter, judge: Judge | None, prompts: list[PromptRecord],
+                 dps: list[DrawPrompt], *, seed: int, think: ThinkConfig | None, flow: FlowConfig, canvas_size: int,
+                 policy_version: int) -> tuple[Rollout, np.ndarray, tuple[str, ...], tuple[bool, ...] | None]:
+    """The one think-then-draw path of training, refinement, SRR and evaluation: roll out (grpo.policy),
+    decode the plans, judge the images where the prompts' world has a judge."""
     hw = model.latent_grid(canvas_size, canvas_size)
     gen = torch.Generator().manual_seed(seed)
     ro = rollout(model, dps, hw=hw, think=think, flow=flow, generator=gen, policy_version=policy_version)
@@ -135,12 +139,12 @@ def sample_group(model: UnifiedModel, prompter: Prompter, req: GroupRequest, set
     """G think-then-draw trajectories of one prompt (deterministic given the seed and the weights)."""
     t0 = time.perf_counter()
     dps = [prompter.draw(req.prompt.text, think=settings.think is not None) for _ in range(req.group_size)]
-    ro, images, plans, judged = _draw(model, prompter, judge, [req.prompt] * req.group_size, dps, seed=req.seed,
+    ro, images, plans, judged = draw_rollout(model, prompter, judge, [req.prompt] * req.group_size, dps, seed=req.seed,
                                       think=settings.think, flow=settings.flow, canvas_size=settings.canvas_size,
                                       policy_version=req.policy_version)
     meta = GroupMeta(index=req.index, prompt_id=req.prompt.id, policy_version=req.policy_version, plans=plans,
                      judged=judged, seconds=time.perf_counter() - t0)
-    return meta, GroupPayload(index=req.index, draw_prompts=dps, rollout=ro), images
+    return meta, GroupPayload(index=req.index, draw_prompts=dps, rollout=ro, think=settings.think), images
 
 
 @torch.no_grad()
@@ -154,25 +158,26 @@ def refine_group(model: UnifiedModel, prompter: Prompter, req: RefineRequest, se
         raise ValueError(f"refine request {req.index}: source must be a uint8 (H, W, 3) array, got "
                          f"{src.dtype} {src.shape}")
     dps = [prompter.edit(src, req.instruction) for _ in range(req.group_size)]
-    ro, images, plans, judged = _draw(model, prompter, judge, [req.prompt] * req.group_size, dps, seed=req.seed,
+    ro, images, plans, judged = draw_rollout(model, prompter, judge, [req.prompt] * req.group_size, dps, seed=req.seed,
                                       think=None, flow=replace(settings.flow, cfg=settings.edit_guidance),
                                       canvas_size=settings.canvas_size, policy_version=req.policy_version)
     meta = GroupMeta(index=req.index, prompt_id=req.prompt.id, policy_version=req.policy_version, plans=plans,
                      judged=judged, seconds=time.perf_counter() - t0)
-    return meta, GroupPayload(index=req.index, draw_prompts=dps, rollout=ro, guidance=settings.edit_guidance), images
+    payload = GroupPayload(index=req.index, draw_prompts=dps, rollout=ro, think=None, guidance=settings.edit_guidance)
+    return meta, payload, images
 
 
 @torch.no_grad()
 def draw_heldout(model: UnifiedModel, prompter: Prompter, req: EvalRequest, settings: PolicySettings, *,
                  judge: Judge | None = None) -> tuple[GroupMeta, np.ndarray]:
     """One image per held-out prompt of the batch: the plan at the evaluation temperature, then the
-    deterministic ODE; the same path as training (`_draw`), in eval mode."""
+    deterministic ODE; the same path as training (`draw_rollout`), in eval mode."""
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
     prompts = list(req.prompts)
     dps = [prompter.draw(p.text, think=settings.eval_think is not None) for p in prompts]
-    _, images, plans, judged = _draw(model, prompter, judge, prompts, dps, seed=req.seed, think=settings.eval_think,
+    _, images, plans, judged = draw_rollout(model, prompter, judge, prompts, dps, seed=req.seed, think=settings.eval_think,
                                      flow=settings.eval_flow, canvas_size=settings.canvas_size,
                                      policy_version=req.policy_version)
     model.train(was_training)
@@ -201,14 +206,15 @@ def batch_advantages(rewards: list[list[float]], *, std_scope: str) -> BatchAdva
 
 def groups_loss(model: UnifiedModel, payloads: list[GroupPayload], advantages: list[list[float]],
                 settings: PolicySettings) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over groups of the GRPO loss (text + image, one advantage per trajectory)."""
+    """Mean over groups of the GRPO loss (text + image, one advantage per trajectory), each group scored
+    with the settings it was sampled with (its payload's think, guidance and task)."""
     if len(payloads) != len(advantages):
         raise ValueError(f"groups_loss: {len(payloads)} groups but {len(advantages)} advantage lists")
     total = torch.zeros(())
     stats = {"image_loss": 0.0, "text_loss": 0.0, "image_clip_frac": 0.0}
     for p, adv in zip(payloads, advantages):
         res = grpo_loss(model, p.draw_prompts, p.rollout, torch.tensor(adv, dtype=torch.float32),
-                        think=settings.think, cfg=p.guidance or settings.flow.cfg, loss=settings.loss)
+                        think=p.think, cfg=p.guidance or settings.flow.cfg, loss=replace(settings.loss, mode=p.task))
         total = total + res.loss / len(payloads)
         stats["image_loss"] += res.image_loss / len(payloads)
         stats["text_loss"] += res.text_loss / len(payloads)

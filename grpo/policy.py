@@ -95,13 +95,19 @@ class Rollout:
 def think_items(think: TextSample, *, eos: int) -> list[Text | None]:
     """The written plan as context items: each row's tokens up to (not including) <|im_end|>.
 
-    A row that wrote nothing but <|im_end|> contributes no think item."""
+    A row that wrote nothing but <|im_end|> contributes an empty segment (<|im_start|><|im_end|>, what
+    it wrote), so every row of a group that wrote has a plan item and its context is built the same
+    way (the learner's ZeRO-3 ranks must call the same modules in the same order); a row that wrote
+    nothing at all (no think) contributes None."""
     items: list[Text | None] = []
     for toks, mask in zip(think.tokens, think.mask):
+        if not bool(mask.any()):
+            items.append(None)
+            continue
         ids = [int(t) for t in toks[mask]]
-        if ids and ids[-1] == eos:
+        if ids[-1] == eos:
             ids = ids[:-1]
-        items.append(Text(ids=tuple(ids)) if ids else None)
+        items.append(Text(ids=tuple(ids)))
     return items
 
 
@@ -112,7 +118,8 @@ def prompt_cache(model: UnifiedModel, prompts: list[DrawPrompt]) -> KVCache:
 
 def draw_contexts(model: UnifiedModel, prompts: list[DrawPrompt], cache: KVCache, thinks: list[Text | None],
                   *, cfg: CFGConfig) -> GuidanceContexts:
-    """CFG contexts for drawing: full = cached prompt + plan; text-CFG = prefix; image-CFG (edits)."""
+    """CFG contexts for drawing: full = cached prompt + plan; text-CFG = prefix; image-CFG (edits) = every
+    text segment, the written plan (SRR: the critique and edit instruction) included, but no image."""
     rows = [item_segments(model, t) if t is not None else [] for t in thinks]
     if all(rows):
         full = model.encode(rows, cache=cache)
@@ -121,14 +128,18 @@ def draw_contexts(model: UnifiedModel, prompts: list[DrawPrompt], cache: KVCache
     else:  # mixed: rows without a plan are re-encoded from their prompt alone
         full = encode_context(model, [[*p.prefix, p.text, *([t] if t else [])] for p, t in zip(prompts, thinks)])
     no_text = encode_context(model, [p.no_text() for p in prompts]) if cfg.uses_text else None
-    no_image = encode_context(model, [p.no_image() for p in prompts]) if cfg.uses_image else None
+    no_image = (encode_context(model, [[*p.no_image(), *([t] if t else [])] for p, t in zip(prompts, thinks)])
+                if cfg.uses_image else None)
     return GuidanceContexts(full=full, no_text=no_text, no_image=no_image)
 
 
 def velocity_fn(model: UnifiedModel, contexts: GuidanceContexts, *, hw: tuple[int, int],
-                cfg: CFGConfig) -> VelocityFn:
-    """The policy's guided velocity as grpo.sde expects it: (x, t, step_index) -> v."""
-    return lambda x, t, i: guided_velocity(model, x, t, hw=hw, contexts=contexts, cfg=cfg)
+                cfg: CFGConfig, every_branch: bool = False) -> VelocityFn:
+    """The policy's guided velocity as grpo.sde expects it: (x, t, step_index) -> v. `every_branch`: run
+    the CFG branches at steps outside the guidance interval too (the same values: inactive rows take the
+    conditional velocity), so the number of model calls does not depend on which steps were trained
+    (the learner's ZeRO-3 ranks must call the same modules in the same order)."""
+    return lambda x, t, i: guided_velocity(model, x, t, hw=hw, contexts=contexts, cfg=cfg, every_branch=every_branch)
 
 
 @torch.no_grad()
@@ -184,7 +195,7 @@ def recompute(model: UnifiedModel, prompts: list[DrawPrompt], ro: Rollout, *, th
             text_logp = (token_logprobs(model, cache, ro.think.tokens, ro.think.mask, temperature=temperature)
                          if has_text else ro.think.logp)
             contexts = draw_contexts(model, prompts, cache, think_items(ro.think, eos=eos), cfg=cfg)
-        return text_logp, velocity_fn(model, contexts, hw=ro.hw, cfg=cfg)
+        return text_logp, velocity_fn(model, contexts, hw=ro.hw, cfg=cfg, every_branch=True)
 
     text_logp, policy_v = score(grad=True)
     text_ref, ref_v = None, None

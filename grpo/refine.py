@@ -54,3 +54,27 @@ def should_skip_step(improved_any_per_group: list[bool]) -> bool:
     if len(improved_any_per_group) == 0:
         raise ValueError("improved_any_per_group must not be empty")
     return not any(bool(flag) for flag in improved_any_per_group)
+
+
+PICKS: tuple[str, ...] = ("lowest", "softmax")
+
+
+def pick_initial(stage1_rewards: Tensor, *, pick: str = "lowest", temperature: float = 0.1,
+                 generator: torch.Generator | None = None) -> int:
+    """The stage-1 image SRR refines: the lowest-reward one, or one drawn with p ∝ softmax(-r / τ).
+
+        "lowest":   argmin_i r_i (the first of ties)
+        "softmax":  i ~ Categorical(softmax(-r / temperature)); temperature -> 0 approaches "lowest"
+    """
+    if stage1_rewards.dim() != 1 or stage1_rewards.numel() == 0:
+        raise ValueError(f"stage1_rewards must have shape (m,) with m >= 1, got {tuple(stage1_rewards.shape)}")
+    if not torch.isfinite(stage1_rewards).all():
+        raise ValueError(f"stage1_rewards must be finite, got {stage1_rewards.tolist()}")
+    if pick == "lowest":
+        return int(torch.argmin(stage1_rewards))
+    if pick != "softmax":
+        raise ValueError(f"pick must be one of {PICKS}, got {pick!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    probs = torch.softmax(-stage1_rewards.double() / temperature, dim=0)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -80,11 +80,11 @@ def combine_guidance(v: Tensor, v_no_text: Tensor | None, v_no_image: Tensor | N
 
 
 def guided_velocity(model: UnifiedModel, x_t: Tensor, t: Tensor | float, *, hw: tuple[int, int],
-                    contexts: GuidanceContexts, cfg: CFGConfig) -> Tensor:
+                    contexts: GuidanceContexts, cfg: CFGConfig, every_branch: bool = False) -> Tensor:
     """The policy's velocity for latent tokens x_t (B, N, D) at time t (scalar or (B,)).
 
-    Branches are evaluated only if guidance is on and active for some row; rows outside the
-    interval get the plain conditional velocity.
+    Branches are evaluated only if guidance is on and active for some row (or always, with
+    `every_branch`: the result is the same); rows outside the interval get the plain conditional velocity.
     """
     B = x_t.shape[0]
     t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(B)
@@ -96,7 +96,7 @@ def guided_velocity(model: UnifiedModel, x_t: Tensor, t: Tensor | float, *, hw: 
         raise ValueError("text CFG is on but the no-text context was not encoded")
     if cfg.uses_image and contexts.no_image is None:
         raise ValueError("image CFG is on but the no-image context was not encoded")
-    if not (use_text or use_image) or not bool(active.any()):
+    if not (use_text or use_image) or not (every_branch or bool(active.any())):
         return v
     v_t = model.velocity(x_t, t, hw=hw, cache=contexts.no_text) if use_text else None
     v_i = model.velocity(x_t, t, hw=hw, cache=contexts.no_image) if use_image else None

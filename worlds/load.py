@@ -23,8 +23,10 @@ from worlds.records import PromptRecord, normalised
 
 @dataclass(kw_only=True)
 class Sources:
-    """What a run draws from."""
+    """What a run draws from. `train` is the stream at the run's seed; `stream(seed)` makes another
+    independent one over the same prompts (e.g. one per task)."""
     train: PromptSource
+    stream: Callable[[int], PromptSource]
     heldout: list[PromptRecord]
     judges: dict[str, Judge] = field(default_factory=dict)      # world name -> its judge
     skipped: dict[str, Counter] = field(default_factory=dict)   # file -> bad rows skipped, by reason
@@ -79,8 +81,12 @@ def build_sources(data: DataConfig, *, seed: int, resolve: Callable[[str, str], 
     if is_file(spec):
         records = read(spec, "data.train.source")
         check_disjoint(records, heldout)
-        train: PromptSource = ShuffledStream(records, seed=seed, shuffle=data.shuffle, name=str(spec.source))
+
+        def stream(s: int) -> PromptSource:
+            return ShuffledStream(records, seed=s, shuffle=data.shuffle, name=str(spec.source))
     else:
-        train = world(spec, "data.train.source").train_source(
-            dict(spec.options), seed=seed, exclude=frozenset(normalised(r.text) for r in heldout))
-    return Sources(train=train, heldout=heldout, judges=judges, skipped=skipped)
+        w, exclude = world(spec, "data.train.source"), frozenset(normalised(r.text) for r in heldout)
+
+        def stream(s: int) -> PromptSource:
+            return w.train_source(dict(spec.options), seed=s, exclude=exclude)
+    return Sources(train=stream(seed), stream=stream, heldout=heldout, judges=judges, skipped=skipped)

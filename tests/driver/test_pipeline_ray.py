@@ -126,3 +126,28 @@ def test_learner_ranks_are_placed_all_or_nothing(ray_cluster):
         assert list(table["bundles"].values()) == [{"CPU": base.num_cpus}] * 2
     finally:
         remove_placement_group(pg)
+
+
+SRR_SMALL = ["tasks.rt2i=0.5", "tasks.srr=0.5", "trainer.groups_per_step=4", "data.group_size=2", "pools.refine.num=1",
+             "srr.candidates=2", "srr.candidate_steps=3", "srr.think.max_new_tokens=6", "srr.flow.num_steps=4",
+             "srr.flow.window_size=2", "srr.flow.window_start=[0,1]"]
+
+
+def test_rt2i_and_srr_train_together_and_match_sync_mode(ray_cluster):
+    """Both tasks through Ray: 2 RT2I groups from the rollout pool and 2 SRR episodes from the refine pool a
+    step, split over 2 ZeRO-3 ranks the same way; every replica (rollout and refine) holds the learner's
+    weights after each step; at max_staleness 0 the pipeline's first step equals sync mode's."""
+    seen = []
+    pipe, piped = run_pipeline(["trainer.steps=2", "trainer.max_staleness=0", *SRR_SMALL],
+                               on_step=lambda p, rec: seen.append(p.checksums()))
+    for learner, replicas in seen:
+        assert replicas == [learner] * 3                 # 2 rollout actors, 1 refine actor
+    a = piped.steps[0]
+    assert a.tasks["rt2i"]["groups"] == 2 and a.tasks["srr"]["groups"] == 2
+    assert 0 <= a.tasks["srr"]["improved"] <= 1 and a.tasks["srr"]["initial_reward"] <= a.tasks["srr"]["reward"] + 1
+    alone = train_sync(load(SMALL + ["trainer.steps=1", "trainer.mode=sync", "trainer.max_staleness=0", *SRR_SMALL]))
+    b = alone.steps[0]
+    assert a.tasks == b.tasks and a.srr_skipped == b.srr_skipped
+    assert a.reward_mean == pytest.approx(b.reward_mean, abs=1e-6)
+    assert piped.first_loss == pytest.approx(alone.first_loss, abs=1e-6)
+    assert a.text_loss == pytest.approx(b.text_loss, abs=1e-6)

@@ -67,7 +67,11 @@ def test_think_items_strip_the_closing_token():
     s = TextSample(tokens=torch.tensor([[7, 8, eos, 0], [eos, 0, 0, 0], [9, 9, 9, 9]]),
                    mask=torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool),
                    logp=torch.zeros(3, 4), finished=torch.tensor([True, True, False]))
-    assert think_items(s, eos=eos) == [Text(ids=(7, 8)), None, Text(ids=(9, 9, 9, 9))]
+    # a row that wrote only <|im_end|> has an empty plan segment; a row with no tokens at all has none
+    assert think_items(s, eos=eos) == [Text(ids=(7, 8)), Text(ids=()), Text(ids=(9, 9, 9, 9))]
+    none = TextSample(tokens=torch.zeros(2, 0, dtype=torch.long), mask=torch.zeros(2, 0, dtype=torch.bool),
+                      logp=torch.zeros(2, 0), finished=torch.ones(2, dtype=torch.bool))
+    assert think_items(none, eos=eos) == [None, None]
 
 
 def _step(model, prompts, ro, adv, lr):
@@ -200,3 +204,24 @@ def test_bf16_base_with_fp32_lora_masters_trains_on_policy():
     assert res.image.ratio_max == pytest.approx(1.0, abs=1e-6)
     grads = [p.grad for p in lora_parameters(model).values()]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
+
+
+def test_recompute_calls_the_model_alike_whatever_steps_were_trained():
+    """The learner's model calls must not depend on the data (ZeRO-3 ranks gather weights module by module,
+    in step): a window whose steps fall outside the CFG interval still evaluates the CFG branches when
+    recomputed (same values: those rows take the conditional velocity), and an empty plan is a segment."""
+    model = tiny_model()
+    prompts = _prompts(2)
+    calls = []
+    velocity = model.velocity
+    model.velocity = lambda *a, **k: calls.append(1) or velocity(*a, **k)
+    counts = []
+    for start in (0, 4):                        # 6 steps: t = 1 .. 1/6 -> the late window is outside (0.4, 1]
+        flow = replace(FLOW, window_size=1, window_start=(start, start), shift=1.0)
+        ro = _rollout(model, prompts, flow=flow)
+        calls.clear()
+        with torch.no_grad():
+            r = recompute(model, prompts, ro, think=THINK, cfg=flow.cfg)
+        counts.append(len(calls))
+        assert (torch.exp(r.image_logp - ro.flow.logp) - 1).abs().max() < 1e-6
+    assert counts[0] == counts[1] == 2          # the conditional and the text-CFG branch, both windows
