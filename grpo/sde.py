@@ -148,7 +148,7 @@ SIGMA_AT_ONE = ("flow_grpo", "capped")
 
 
 def sde_sigma(t: TimeLike, *, noise_level: float, t_cap: float, at_one: str = "flow_grpo") -> Tensor:
-    """Diffusion coefficient sigma_t = noise_level * sqrt(t / (1 - t)); returns fp32 with t's shape.
+    """Diffusion coefficient sigma_t = noise_level * sqrt(t / (1 - t)); returns fp32 with t's shape (and device).
 
     sigma diverges at t = 1 (the first sampling step); `t_cap` is the next-largest timestep of the
     schedule below 1 (`t_cap_of(timesteps)`), and `at_one` says how it is used there:
@@ -167,7 +167,7 @@ def sde_sigma(t: TimeLike, *, noise_level: float, t_cap: float, at_one: str = "f
         raise ValueError(f"noise_level must be >= 0, got {noise_level!r}")
     if at_one not in SIGMA_AT_ONE:
         raise ValueError(f"at_one must be one of {SIGMA_AT_ONE}, got {at_one!r}")
-    t = torch.as_tensor(t, dtype=torch.float32)
+    t = t.float() if isinstance(t, Tensor) else torch.as_tensor(t, dtype=torch.float32)  # a tensor keeps its device
     t_c = t.clamp(max=t_cap)
     return noise_level * torch.sqrt((t if at_one == "flow_grpo" else t_c) / (1.0 - t_c))
 
@@ -192,7 +192,7 @@ def sde_mean_std(
         raise ValueError(f"v must have x's shape {tuple(x.shape)}, got {tuple(v.shape)}")
     x, v = x.float(), v.float()
     t_b, t_next_b = _as_time(t, x), _as_time(t_next, x)
-    sigma = sde_sigma(t_b, noise_level=noise_level, t_cap=t_cap, at_one=at_one).to(x.device)
+    sigma = sde_sigma(t_b, noise_level=noise_level, t_cap=t_cap, at_one=at_one)
     dt = t_next_b - t_b
     score_term = x + (1.0 - t_b) * v
     if basis is not None:
@@ -256,7 +256,8 @@ def sde_step(
     if noise_level == 0:
         x_next = euler_step(x, v, t, t_next)
         zeros = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-        return SDEStep(x_next=x_next, mean=x_next, std=torch.zeros((), device=x.device), logp=zeros)
+        return SDEStep(x_next=x_next, mean=x_next, std=torch.zeros((), dtype=torch.float32, device=x.device),
+                       logp=zeros)
     mean, std = sde_mean_std(x, v, t, t_next, noise_level=noise_level, t_cap=t_cap, basis=basis, at_one=at_one)
     shape = x.shape if basis is None else basis.means(x).shape
     if eps is None:
@@ -420,7 +421,7 @@ def sample_flow(
             else:
                 x = euler_step(x, v, t, t_next)
             latents.append(x)
-    logp = torch.stack(logps) if logps else torch.zeros(0, x.shape[0], device=x.device)
+    logp = torch.stack(logps) if logps else torch.zeros(0, x.shape[0], dtype=torch.float32, device=x.device)
     return FlowTrajectory(
         latents=torch.stack(latents), timesteps=timesteps, sde_steps=steps, logp=logp, noise_level=noise_level,
         basis=basis, sigma_at_one=sigma_at_one,
@@ -470,7 +471,7 @@ def recompute_steps(
             # with a basis the two Gaussians live on the block means
             kls.append(transition_kl(*_explored(traj.basis, mean, mean_ref), _explored_std(traj.basis, std),
                                      t_next - t, scale=kl_scale))
-    empty = torch.zeros(0, traj.latents.shape[1], device=traj.latents.device)
+    empty = torch.zeros(0, traj.latents.shape[1], dtype=torch.float32, device=traj.latents.device)
     return StepScores(logp=torch.stack(logps) if logps else empty,
                       kl=(torch.stack(kls) if kls else empty) if ref_velocity_fn is not None else None)
 

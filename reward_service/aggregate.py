@@ -120,8 +120,11 @@ def aggregate(qs: QuestionSet, scores: Sequence[float], *, mode: str = "geometri
 
 
 def _word(token: str) -> str:
-    """'ĠYes.' / '▁yes' / ' YES!' -> 'yes' (tokenizer space markers, punctuation, case, space dropped)."""
-    return "".join(c for c in token.replace("Ġ", " ").replace("▁", " ") if c.isalnum()).lower()
+    """'ĠYes.' / '▁yes' / ' YES!' -> 'yes' (tokenizer space markers, punctuation, case, space dropped).
+
+    'Ġ' (byte-level BPE's space) is a letter to str.isalnum and is removed by name; '▁' (sentencepiece's)
+    is not alphanumeric and drops with the punctuation."""
+    return "".join(c for c in token.replace("Ġ", "") if c.isalnum()).lower()
 
 
 def yes_probability(top_logprobs: Mapping[str, float] | Iterable[tuple[str, float]]) -> float | None:

@@ -48,12 +48,24 @@ def test_group_means_are_removed():
         assert res.adv[groups == g].sum().abs() < 1e-5
 
 
-def test_clip_and_counts():
-    rewards = torch.tensor([0.0] * 99 + [100.0])  # one outlier: (100 - 1) / std(batch) ~ 9.9 > 5
-    res = compute_advantages(rewards, torch.zeros(100, dtype=torch.long), clip=5.0)
-    assert res.adv.max() == 5.0 and res.n_clipped == 1
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_clip_and_counts(sign):
+    """Both tails are clipped, at the default clip of 5."""
+    rewards = sign * torch.tensor([0.0] * 99 + [100.0])  # one outlier: |100 - 1| / std(batch) ~ 9.9 > 5
+    res = compute_advantages(rewards, torch.zeros(100, dtype=torch.long))
+    assert res.adv[-1] == sign * 5.0 and res.n_clipped == 1
     want = _loop_advantages(rewards.tolist(), [0] * 100, std_scope="batch", eps=1e-4, clip=5.0)
     assert torch.allclose(res.adv, torch.tensor(want), atol=1e-5)
+
+
+def test_clip_counts_only_the_values_it_changes():
+    """n_clipped counts |adv| > clip: an advantage exactly at the clip is kept as it is and not counted.
+    Any clip > 0 is allowed, one below 1 too."""
+    rewards, groups = torch.tensor([0.0, 1.0]), torch.tensor([0, 0])  # mean 0.5, std 0.5: adv = -1, +1 (eps 0)
+    at = compute_advantages(rewards, groups, eps=0.0, clip=1.0)
+    assert at.adv.tolist() == [-1.0, 1.0] and at.n_clipped == 0
+    below = compute_advantages(rewards, groups, eps=0.0, clip=0.5)
+    assert below.adv.tolist() == [-0.5, 0.5] and below.n_clipped == 2
 
 
 def test_zero_variance_reported_and_dropped():
@@ -66,6 +78,14 @@ def test_zero_variance_reported_and_dropped():
     assert keep.tolist() == [False, False, False, True, True, False, False] and n_dropped == 5
     keep_all, none = drop_zero_variance(compute_advantages(torch.tensor([0.0, 1.0]), torch.tensor([4, 4])))
     assert keep_all.all() and none == 0
+
+
+def test_zero_variance_tolerance_is_inclusive():
+    """A group whose max - min equals zero_variance_tol exactly is zero-variance (the rule is <= tol)."""
+    rewards = torch.tensor([0.0, 0.25, 0.0, 1.0], dtype=torch.float64)  # ranges 0.25 and 1, both exact
+    res = compute_advantages(rewards, torch.tensor([0, 0, 1, 1]), zero_variance_tol=0.25)
+    assert res.zero_variance_groups == [0] and res.n_zero_variance_samples == 2
+    assert res.adv[:2].tolist() == [0.0, 0.0] and res.adv[2] < 0 < res.adv[3]
 
 
 def test_all_equal_batch_gives_zero_not_nan():
@@ -103,5 +123,23 @@ def test_rounding_noise_inside_a_group_is_not_amplified_into_a_signal():
     ],
 )
 def test_bad_inputs_raise_naming_the_argument(rewards, group_ids, kwargs, name):
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=f"^{name} must"):
         compute_advantages(rewards, group_ids, **kwargs)
+
+
+def test_results_stay_on_the_inputs_device_whatever_the_default_device():
+    """Every tensor made inside follows the inputs' device, not torch's default one (a trainer may set
+    its default to cuda and hand over cpu rewards, or the reverse). The meta device stands in for the
+    other device on a CPU machine: a tensor made there holds no data, so index_add or int() fails, or isin
+    answers garbage."""
+    rewards = torch.tensor([0.1, 0.9, 0.3, 0.5, 0.5, 0.4, 0.8])
+    groups = torch.tensor([2, 2, 2, 6, 6, 9, 9])
+    want = compute_advantages(rewards, groups)
+    want_keep = [True, True, True, False, False, True, True]
+    with torch.device("meta"):
+        res = compute_advantages(rewards, groups)
+        keep, n_dropped = drop_zero_variance(res)
+        keep_all, none = drop_zero_variance(compute_advantages(rewards[:3], groups[:3]))
+    assert res.adv.device.type == "cpu" and torch.equal(res.adv, want.adv)
+    assert keep.tolist() == want_keep and n_dropped == 2
+    assert keep_all.tolist() == [True] * 3 and none == 0

@@ -29,6 +29,20 @@ def test_trainable_params_cast_to_fp32_and_base_stays_bf16():
     assert keep_trainable_fp32(model) == 0  # idempotent
 
 
+def test_existing_grads_are_cast_with_their_params():
+    """A bf16 .grad already there (a backward before the cast) becomes fp32 with the same values."""
+    model = _lora_model()
+    model(torch.randn(3, 16, dtype=torch.bfloat16)).float().square().mean().backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g.dtype == torch.bfloat16 for g in before.values())
+    assert any(g.abs().sum() > 0 for g in before.values())  # lora_B grads (lora_A's are 0: B starts at 0)
+    keep_trainable_fp32(model)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == torch.float32, name
+            assert torch.equal(p.grad, before[name].float()), name
+
+
 def test_small_updates_accumulate_in_fp32_but_vanish_in_bf16():
     bf16_model, fp32_model = _lora_model(), _lora_model()
     keep_trainable_fp32(fp32_model)

@@ -18,6 +18,13 @@ def test_rectification_uses_stage1_minimum_not_initial_reward():
     assert torch.allclose(rewards, torch.tensor([0.3, 0.8])) and n == 1
 
 
+def test_rewards_keep_the_refined_dtype():
+    """The floor is cast to the refined rewards' dtype: fp64 stage-1 rewards do not promote the result."""
+    refined = torch.tensor([0.9, 0.2], dtype=torch.float32)
+    rewards, n = rectify_false_positives(refined, 0.5, torch.tensor([0.5, 0.25], dtype=torch.float64))
+    assert rewards.dtype == torch.float32 and rewards.tolist() == [refined[0].item(), 0.25] and n == 1
+
+
 def test_all_improved_changes_nothing():
     refined = torch.tensor([0.9, 0.8])
     rewards, n = rectify_false_positives(refined, 0.5, torch.tensor([0.5, 0.7]))
@@ -43,5 +50,5 @@ def test_bad_inputs():
         rectify_false_positives(torch.ones(2, 1), 0.5, torch.ones(2))
     with pytest.raises(ValueError, match="initial_reward"):
         rectify_false_positives(torch.ones(2), float("nan"), torch.ones(2))
-    with pytest.raises(ValueError, match="improved_any_per_group"):
+    with pytest.raises(ValueError, match="^improved_any_per_group must not be empty$"):
         should_skip_step([])

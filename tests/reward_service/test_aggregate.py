@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from reward_service.aggregate import aggregate, yes_from_text, yes_probability
+from reward_service.aggregate import SCORE_TOLERANCE, aggregate, yes_from_text, yes_probability
 from reward_service.schema import DecomposerVersion, Question, QuestionSet, prompt_key
 
 V = DecomposerVersion(name="test", template_version="t1")
@@ -54,6 +54,14 @@ def test_parent_rules_propagate_through_grandparents():
     assert none.reward > scale.reward > zero.reward
 
 
+def test_zero_rule_fails_a_parent_exactly_at_fail_below():
+    """"zero" zeroes a child when a parent's effective score is <= fail_below (at the threshold counts)."""
+    at = aggregate(DSG, [0.5, 0.9, 0.8, 1, 1], parent_rule="zero")
+    assert [r.effective for r in at.rows[:3]] == [0.5, 0.0, 0.0]
+    below = aggregate(DSG, [0.5, 0.9, 0.8, 1, 1], parent_rule="zero", fail_below=0.4)
+    assert [r.effective for r in below.rows[:3]] == [0.5, 0.9, 0.8]
+
+
 def test_parents_listed_after_children_still_work():
     qs = qset(("child", "semantic", ("root",)), ("root", "semantic", ()))
     assert [r.effective for r in aggregate(qs, [0.9, 0.1], parent_rule="zero").rows] == [0.0, 0.1]
@@ -66,6 +74,58 @@ def test_audit_record_and_strict_pass():
     d = json.loads(json.dumps(r.to_dict()))
     assert d["rows"][1]["parents"] == ["e"] and d["version"] == "test@t1" and d["prompt_hash"] == DSG.prompt_hash
     assert "semantic_mean=0.6700" in r.table()
+
+
+def test_strict_pass_needs_every_semantic_score_above_the_threshold():
+    """A semantic effective score equal to the threshold (0.5 by default) does not pass."""
+    r = aggregate(DSG, [0.9, 0.5, 0.9, 1, 1])
+    assert not r.strict_pass() and r.strict_pass(threshold=0.49)
+
+
+# every number below is exact in binary, so the expected values are written out
+AUDIT_QS = qset(("e", "semantic", ()), ("a", "semantic", ("e",)), ("r", "semantic", ("e", "a")),
+                ("q", "quality", ()))
+AUDIT_SCORES = [0.75, 0.5, 1.0, 1.0]  # scale rule: e 0.75, a 0.5 * 0.75, r 1 * min(0.75, 0.375)
+
+
+def test_to_dict_is_plain_json_of_the_whole_record():
+    r = aggregate(AUDIT_QS, AUDIT_SCORES, mode="min", parent_rule="scale")
+
+    def row(i, kind, category, parents, score, effective):
+        return {"id": i, "text": f"{i}?", "kind": kind, "category": category, "parents": parents,
+                "score": score, "effective": effective}
+
+    assert r.to_dict() == {
+        "reward": 0.5, "semantic_mean": 0.5, "quality_mean": 1.0, "mode": "min", "parent_rule": "scale",
+        "prompt": "p", "prompt_hash": prompt_key("p"), "version": "test@t1",
+        "rows": [row("e", "semantic", "existence", [], 0.75, 0.75),
+                 row("a", "semantic", "existence", ["e"], 0.5, 0.375),
+                 row("r", "semantic", "existence", ["e", "a"], 1.0, 0.375),
+                 row("q", "quality", "geometry", [], 1.0, 1.0)],
+    }
+    assert json.loads(json.dumps(r.to_dict())) == r.to_dict()
+
+
+def test_table_layout():
+    r = aggregate(AUDIT_QS, AUDIT_SCORES, mode="min", parent_rule="scale")
+    assert r.table() == (
+        "prompt: 'p'   (test@t1, mode=min, parent_rule=scale)\n"
+        "id   kind     category   parents   score    eff  question\n"
+        "e    semantic existence  -         0.750  0.750  e?\n"
+        "a    semantic existence  e         0.500  0.375  a?\n"
+        "r    semantic existence  e,a       1.000  0.375  r?\n"
+        "q    quality  geometry   -         1.000  1.000  q?\n"
+        "semantic_mean=0.5000 quality_mean=1.0000 reward=0.5000 strict_pass=False"
+    )
+
+
+def test_scores_within_tolerance_of_0_and_1_are_clamped():
+    """A verifier's rounding may land a hair outside [0, 1]: up to SCORE_TOLERANCE is clamped, not refused."""
+    r = aggregate(DSG, [-SCORE_TOLERANCE, 1 + SCORE_TOLERANCE, 0.0, 1.0, 0.5])
+    assert [row.score for row in r.rows] == [0.0, 1.0, 0.0, 1.0, 0.5]
+    for bad in (-2 * SCORE_TOLERANCE, 1 + 2 * SCORE_TOLERANCE):
+        with pytest.raises(ValueError, match="question 'e'"):
+            aggregate(DSG, [bad, 0.5, 0.5, 0.5, 0.5])
 
 
 @pytest.mark.parametrize("scores, match", [
@@ -97,6 +157,11 @@ def test_yes_probability_sums_variants():
     assert yes_probability({"yes": float("-inf"), "no": float("-inf")}) is None
     assert yes_probability({"no": -0.01}) == 0.0 and yes_probability({"yes": -3.0}) == 1.0
     assert yes_probability({"yesterday": -0.1, "note": -0.1, "no": -1.0}) == 0.0
+
+
+def test_yes_probability_reads_positive_logprobs_as_probability_one():
+    """Rounding can put a log-prob a little above 0; it counts as exp(0) = 1, never more."""
+    assert yes_probability({"yes": 0.5, "no": math.log(0.5)}) == pytest.approx(1 / 1.5)
 
 
 @pytest.mark.parametrize("text, expected", [
