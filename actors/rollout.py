@@ -33,6 +33,7 @@ class RolloutSpec:
     srr: SRRConfig | None = None                              # the SRR episode's settings (refine actors)
     judges: dict[str, Judge] = field(default_factory=dict)   # world name -> its judge (records name their world)
     bucket_bytes: int = 32 << 20                              # weight-sync bucket size (the learner's)
+    sync_timeout_s: float = 300.0                             # a weight-group collective waits at most this long
     threads: int = 1                                          # torch intra-op threads in the actor
 
 
@@ -82,8 +83,13 @@ class RolloutWorker:
         returns the lane the group chose ("shared" memory on one node, else "gloo")."""
         from actors.node import node_ip
         from actors.weight_sync import BroadcastGroup, WeightReceiver, trainable_named_parameters
-        self.group = BroadcastGroup(host=host, port=port, rank=rank, world_size=world_size, local_host=node_ip())
-        self.receiver = WeightReceiver(self.model, bucket_bytes=self.spec.bucket_bytes, initial_version=self.version)
+        if getattr(self, "group", None) is not None:       # joining again (the group was rebuilt): leave the old one
+            self.group.close()
+        self.group = BroadcastGroup(host=host, port=port, rank=rank, world_size=world_size, local_host=node_ip(),
+                                    timeout_s=self.spec.sync_timeout_s)
+        first = self.receiver is None
+        self.receiver = WeightReceiver(self.model, bucket_bytes=self.spec.bucket_bytes,
+                                       initial_version=self.version if first else self.receiver.version)
         return self.group.open_lane(trainable_named_parameters(self.model), allow_shared=allow_shared)
 
     def receive_weights(self, manifest) -> int:
@@ -96,6 +102,13 @@ class RolloutWorker:
     def save_policy(self, directory: str) -> str:
         """Write this replica's weights (the learner's latest, checksum-verified) as a checkpoint."""
         return str(save_policy(self.model, self.spec.policy, directory))
+
+    def held_version(self) -> int | None:
+        """The verified policy version this replica holds (None before its first sync or after a failed
+        one); cheap: the driver pings a restarted actor with it."""
+        if self.receiver is None:
+            return None
+        return self.version if self.receiver.ready_for(self.version) else None
 
     def checksum(self) -> int:
         from actors.weight_sync import model_checksum

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from grpo.loading import PolicyConfig
 from grpo.policy import LossConfig
+from driver.runlog import LogConfig
 from grpo.srr import SelfRefineConfig, SRRConfig
 from grpo.advantages import STD_SCOPES
 from reward_service.aggregate import MODES as REWARD_MODES, PARENT_RULES
@@ -40,6 +41,12 @@ class RunConfig:
     out_dir: str = "runs"            # the run writes runs/<name>/ (config, metrics.jsonl, summary, policy/)
     save_policy: bool = True         # write the trained policy to runs/<name>/policy/ (policy.checkpoint= loads it)
     seed: int = 0
+    checkpoint_every: int = 10       # steps between checkpoints (runs/<name>/checkpoints); also at exit and on
+                                     # SIGINT/SIGTERM; 0 = only at exit
+    keep_checkpoints: int = 3        # the last K checkpoints are kept
+    checkpoint_merged: bool = False  # also write the policy with LoRA folded in (policy/) into each checkpoint
+    resume: str = "never"            # "auto": continue from the latest checkpoint of runs/<name>; a folder: from
+                                     # it; "never": start over (the run's old checkpoints are removed)
 
 
 @dataclass
@@ -106,6 +113,8 @@ class LearnerSection:
     weight_lane: str = "auto"        # "auto": shared memory when every rollout/refine actor is on learner rank 0's node; "gloo"
     placement: str = "PACK"          # the ranks' placement group (gang-scheduled): PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
     placement_timeout_s: float = 600.0   # wait this long for every rank's bundle (e.g. GPU nodes scaling up)
+    timeout_s: float = 1800.0        # a learner call (setup, a step, a checkpoint) or collective waits at most this long
+    sync_timeout_s: float = 300.0    # a weight-group collective (broadcast, regroup) waits at most this long
 
 
 @dataclass
@@ -149,6 +158,7 @@ class Config:
     refine: SelfRefineConfig = field(default_factory=SelfRefineConfig)   # inference-time SRR (python -m driver.refine)
     pools: PoolsConfig = field(default_factory=PoolsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -211,6 +221,9 @@ def validate(cfg: Config) -> Config:
     if ev.enabled and not cfg.data.heldout.source:
         raise ConfigError("eval.enabled=true needs data.heldout.source (a prompt file or a world); or eval.enabled=false")
     p.checkpoint = str(resolve_path(p.checkpoint, key="policy.checkpoint"))
+    _at_least("run.checkpoint_every", cfg.run.checkpoint_every, 0)
+    _at_least("run.keep_checkpoints", cfg.run.keep_checkpoints, 1)
+    _at_least("log.images_every", cfg.log.images_every, 0)
     _at_least("pools.rollout.num", pools.rollout.num, 1)
     _at_least("pools.refine.num", pools.refine.num, 0)
     _at_least("pools.decomposer.num", pools.decomposer.num, 1)

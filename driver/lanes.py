@@ -10,29 +10,24 @@ A lane starts work on its free slots within the staleness bound (`fill`), takes 
 `pop` once every lane has its quota), dropping on the way what cannot train: groups too stale (both
 lanes), zero-variance groups (RT2I, with trainer.drop_zero_variance), and an SRR sub-batch in which
 no refinement beat its initial image (the method's skip rule). Every drop is counted.
+
+A replica that dies with work in flight loses nothing: the lane re-queues that work (the same request,
+index and seed; SRR at the stage it had reached) for the next free slot, and `Replicas` takes the
+actor out of the weight group until it is back (driver.replicas).
 """
 from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from driver.replicas import Replicas, Slot
 from driver.srr import Episode, choose_initial, rectify
 from driver.stages import GroupStream, Scorer
 from grpo.groups import GroupMeta
 from grpo.srr import SRRConfig
 from worlds.base import PromptSource
 from worlds.records import PromptRecord
-
-
-@dataclass(kw_only=True)
-class Slot:
-    """A policy replica (rollout or refine actor) and what it is doing."""
-    actor: object
-    index: int
-    version: int = 0
-    busy: object = None               # the meta ref of its current work
-    syncing: bool = False
 
 
 @dataclass(kw_only=True)
@@ -45,6 +40,7 @@ class Ready:
     meta: GroupMeta
     payload: object                   # the GroupPayload (sync mode), or its object-store ref (pipeline)
     scores: Future                    # -> list[ScoreResult] (reward + audit per image)
+    images: list = field(default_factory=list)   # the group's images: arrays (sync) or object-store refs
     episode: Episode | None = None    # SRR: the stage-1 rewards and the initial image
 
     def raw_rewards(self) -> list[float]:
@@ -57,11 +53,14 @@ class Ready:
         return raw if self.episode is None else rectify(self.episode, raw).rewards
 
 
+COUNTED = ("zero_variance", "stale", "srr_skipped", "requeued")
+
+
 @dataclass(kw_only=True)
 class Counters:
     """Drops and skips, in total and since the last step (`since`, reset by the driver)."""
-    total: dict[str, int] = field(default_factory=lambda: {"zero_variance": 0, "stale": 0, "srr_skipped": 0})
-    since: dict[str, int] = field(default_factory=lambda: {"zero_variance": 0, "stale": 0, "srr_skipped": 0})
+    total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTED, 0))
+    since: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTED, 0))
     staleness_seen: list[int] = field(default_factory=list)   # learner version - group version, per trained group
 
     def add(self, key: str, n: int = 1) -> None:
@@ -74,8 +73,9 @@ class Lane:
     task = ""
 
     def __init__(self, *, slots: list[Slot], quota: int, max_staleness: int, group_size: int, scorer: Scorer,
-                 scoring: ThreadPoolExecutor, counters: Counters) -> None:
+                 scoring: ThreadPoolExecutor, counters: Counters, replicas: Replicas | None = None) -> None:
         self.slots, self.quota, self.s_max, self.group_size = slots, quota, max_staleness, group_size
+        self.replicas = replicas
         self.scorer, self.scoring, self.counters = scorer, scoring, counters
         self.order: deque[int] = deque()          # indices in stream order, not yet consumed or dropped
         self.done: dict[int, Ready] = {}
@@ -84,8 +84,8 @@ class Lane:
 
     def free_slots(self, pending_version: int):
         """Slots that may start work now: idle, not syncing, within the staleness bound."""
-        return [s for s in self.slots
-                if s.busy is None and not s.syncing and pending_version - s.version <= self.s_max]
+        return [s for s in self.slots if s.alive and s.busy is None and not s.syncing
+                and 0 <= s.version and pending_version - s.version <= self.s_max]
 
     def room(self) -> bool:
         """Whether another group may be started (on-policy: exactly what the next step needs)."""
@@ -96,6 +96,25 @@ class Lane:
 
     def poll(self) -> None:
         """Advance work that waits on the scoring thread (nothing for RT2I)."""
+
+    def take(self, ref, ray):
+        """(its in-flight entry, its metadata) for a finished ref of this lane; (entry, None) when the
+        replica died doing it (the replica is marked dead, the caller re-queues the entry); None when the
+        ref is not this lane's. Any other failure raises (e.g. a replica refusing stale weights)."""
+        if ref not in self.inflight:
+            return None
+        entry = self.inflight.pop(ref)
+        slot = entry[0]                           # every in-flight entry starts with its slot
+        slot.busy = None
+        try:
+            return entry, ray.get(ref)
+        except ray.exceptions.RayActorError:
+            if self.replicas is not None:
+                self.replicas.mark_dead(slot)
+            else:
+                slot.alive = False
+            self.counters.add("requeued")
+            return entry, None
 
     def score(self, prompt: PromptRecord, image_refs: list, key: str) -> Future:
         return self.scoring.submit(self.scorer.score, [prompt] * len(image_refs), image_refs, key=key)
@@ -124,12 +143,26 @@ class Lane:
     def pop(self, picked: list[int]) -> list[Ready]:
         for i in picked:
             self.order.remove(i)
-        return [self.done.pop(i) for i in picked]
+        out = [self.done.pop(i) for i in picked]
+        self._forget()
+        return out
 
     def _drop(self, idx: int, why: str) -> None:
         self.order.remove(idx)
         self.done.pop(idx)
         self.counters.add(why)
+        self._forget()
+
+    # -- exact resume: restart at the first group not yet trained --------------------------------
+    def state(self) -> dict:
+        first = min(self.order) if self.order else self.requests.index
+        return self.requests.state_at(first)
+
+    def restore(self, state: dict) -> None:
+        self.requests.restore(state)
+
+    def _forget(self) -> None:
+        self.requests.forget_before(min(self.order) if self.order else self.requests.index)
 
     def unusable(self, g: Ready) -> bool:
         return False
@@ -146,27 +179,33 @@ class RT2ILane(Lane):
         super().__init__(**kw)
         self.requests = GroupStream(stream, group_size=self.group_size, base_seed=base_seed)
         self.drop_zero_variance = drop_zero_variance
+        self.retry: deque = deque()               # requests whose replica died: sampled again first
 
     def fill(self, pending_version: int) -> None:
         for slot in self.free_slots(pending_version):
-            if not self.room():
+            if self.retry:
+                req = replace(self.retry.popleft(), policy_version=slot.version)
+            elif self.room():
+                req = self.requests.next_request(policy_version=slot.version)
+                self.order.append(req.index)
+            else:
                 return
-            req = self.requests.next_request(policy_version=slot.version)
             meta_ref, payload_ref, *image_refs = slot.actor.sample.options(num_returns=2 + req.group_size).remote(req)
             slot.busy = meta_ref
             self.inflight[meta_ref] = (slot, req, payload_ref, image_refs)
-            self.order.append(req.index)
 
     def handle(self, ref, ray) -> bool:
-        if ref not in self.inflight:
+        taken = self.take(ref, ray)
+        if taken is None:
             return False
-        slot, req, payload_ref, image_refs = self.inflight.pop(ref)
-        slot.busy = None
-        meta = ray.get(ref)                       # raises if sampling failed (e.g. stale weights refused)
+        (slot, req, payload_ref, image_refs), meta = taken
+        if meta is None:
+            self.retry.append(req)
+            return True
         self.trajectories += req.group_size
         self.done[req.index] = Ready(task=self.task, index=req.index, prompt=req.prompt,
                                      policy_version=req.policy_version, meta=meta, payload=payload_ref,
-                                     scores=self.score(req.prompt, image_refs, f"group{req.index}"))
+                                     scores=self.score(req.prompt, image_refs, f"group{req.index}"), images=image_refs)
         return True
 
     def unusable(self, g: Ready) -> bool:
@@ -180,48 +219,60 @@ class SRRLane(Lane):
 
     def __init__(self, *, stream: PromptSource, base_seed: int, srr: SRRConfig, **kw) -> None:
         super().__init__(**kw)
-        self.stream, self.base_seed, self.srr = stream, base_seed, srr
-        self.next_index = 0
+        self.requests = GroupStream(stream, group_size=self.group_size, base_seed=base_seed)   # one per episode
+        self.srr = srr
         self.picking: list[tuple[Episode, Future, list]] = []   # stage 1 scored on the scoring thread
+        self.restart: deque[Episode] = deque()                  # stage 1 again (its replica died)
+        self.initial_refs: dict[int, object] = {}               # episode index -> its initial image's ref
         self.waiting: deque[tuple[Episode, object]] = deque()   # (episode, the initial image's ref)
 
     def fill(self, pending_version: int) -> None:
         for slot in self.free_slots(pending_version):
-            if self.waiting:                      # stage 2 first: its episode is already under way
+            if self.restart:                      # stage 1 again: its replica died drawing the candidates
+                episode = self.restart.popleft()
+                episode.stage1_version = slot.version
+                meta_ref, *image_refs = slot.actor.candidates.options(
+                    num_returns=1 + self.srr.candidates).remote(episode.candidates(self.srr.candidates))
+                self.inflight[meta_ref] = (slot, "candidates", episode, image_refs)
+            elif self.waiting:                    # stage 2 first: its episode is already under way
                 episode, initial_ref = self.waiting.popleft()
                 req = episode.reflect(group_size=self.group_size, policy_version=slot.version)
                 meta_ref, payload_ref, *image_refs = slot.actor.reflect.options(
                     num_returns=2 + req.group_size).remote(req, initial_ref)
-                self.inflight[meta_ref] = ("reflect", slot, episode, req, payload_ref, image_refs)
+                self.inflight[meta_ref] = (slot, "reflect", episode, req, payload_ref, image_refs)
             elif self.room():
-                episode = Episode(index=self.next_index, prompt=self.stream.next(), stage1_version=slot.version,
-                                  seed=self.base_seed * 1_000_003 + self.next_index)
-                self.next_index += 1
+                episode = Episode.of(self.requests.next_request(policy_version=slot.version))
                 self.order.append(episode.index)
                 meta_ref, *image_refs = slot.actor.candidates.options(
                     num_returns=1 + self.srr.candidates).remote(episode.candidates(self.srr.candidates))
-                self.inflight[meta_ref] = ("candidates", slot, episode, image_refs)
+                self.inflight[meta_ref] = (slot, "candidates", episode, image_refs)
             else:
                 return
             slot.busy = meta_ref
 
     def handle(self, ref, ray) -> bool:
-        if ref not in self.inflight:
+        taken = self.take(ref, ray)
+        if taken is None:
             return False
-        kind, slot, episode, *rest = self.inflight.pop(ref)
-        slot.busy = None
-        meta = ray.get(ref)
+        (slot, kind, episode, *rest), meta = taken
+        if meta is None:                          # the replica died: redo this stage elsewhere
+            if kind == "candidates":
+                self.restart.append(episode)
+            else:
+                self.waiting.appendleft((episode, self.initial_refs[episode.index]))
+            return True
         if kind == "candidates":
             (image_refs,) = rest
             self.picking.append((episode, self.score(episode.prompt, image_refs, f"srr{episode.index}/stage1"),
                                  image_refs))
             return True
         req, payload_ref, image_refs = rest
+        self.initial_refs.pop(episode.index, None)
         self.trajectories += req.group_size
         self.done[episode.index] = Ready(task=self.task, index=episode.index, prompt=episode.prompt,
                                          policy_version=req.policy_version, meta=meta, payload=payload_ref,
                                          scores=self.score(episode.prompt, image_refs, f"srr{episode.index}"),
-                                         episode=episode)
+                                         images=image_refs, episode=episode)
         return True
 
     def poll(self) -> None:
@@ -229,6 +280,7 @@ class SRRLane(Lane):
         for episode, future, image_refs in self.picking:
             if future.done():
                 chosen = choose_initial(episode, [s.reward for s in future.result()], self.srr)
+                self.initial_refs[episode.index] = image_refs[chosen]
                 self.waiting.append((episode, image_refs[chosen]))
             else:
                 still.append((episode, future, image_refs))
@@ -242,6 +294,7 @@ class SRRLane(Lane):
             for i in picked:
                 self.order.remove(i)
                 self.done.pop(i)
+            self._forget()
             self.counters.add("srr_skipped")
             return False
         return True

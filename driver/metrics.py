@@ -28,6 +28,9 @@ class StepRecord:
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # per task: groups, reward (SRR: initial
                                                                       # reward, improved share, rectified)
     srr_skipped: int = 0             # SRR sub-batches dropped by the skip rule since the previous step
+    grad_norm: float = float("nan")  # global gradient norm before clipping
+    policy: dict[str, float] = field(default_factory=dict)   # grpo.groups.BatchStats of the step (ratio ranges,
+                                                             # clip fractions, KLs, plan entropy)
     seconds: dict[str, float] = field(default_factory=dict)   # stage -> seconds (wall, this step)
 
     def line(self) -> str:
@@ -39,10 +42,23 @@ class StepRecord:
                f"improved {srr['improved']:.0%} rectified {srr['rectified']:.0f} skipped {self.srr_skipped}"
                if srr else "")
         return (f"step {self.step:4d} v{self.policy_version} | reward {self.reward_mean:.3f}±{self.reward_std:.3f}"
-                f"{judge} | pass {passes}{srr} | loss {self.loss:+.4f} clip {self.image_clip_frac:.0%} "
+                f"{judge} | pass {passes}{srr} | {self.policy_line()} "
                 f"| stale max {self.staleness_max} "
                 f"mean {self.staleness_mean:.2f} | dropped zero-var {self.zero_variance_dropped} "
                 f"stale {self.stale_dropped} | {times}")
+
+
+    def policy_line(self) -> str:
+        """What moves in the loss (on-policy it is ~0 by construction): ratio ranges, clips, KL, grad norm."""
+        p = self.policy
+        if not p:
+            return f"loss {self.loss:+.4f}"
+        text = (f" txt [{p['text_ratio_min']:.4f}, {p['text_ratio_max']:.4f}]"
+                if p["text_ratio_min"] == p["text_ratio_min"] else "")
+        kl = f" kl {p['image_kl']:.2e}/{p['text_kl']:.2e}" if p["image_kl"] or p["text_kl"] else ""
+        ent = f" ent {p['think_entropy']:.2f}" if p["think_entropy"] == p["think_entropy"] else ""
+        return (f"ratio img [{p['image_ratio_min']:.6f}, {p['image_ratio_max']:.6f}]{text} "
+                f"clip {p['image_clip_frac']:.0%}/{p['text_clip_frac']:.0%}{kl} gnorm {self.grad_norm:.3g}{ent}")
 
 
 def batch_judge_acc(metas) -> float | None:
@@ -71,20 +87,6 @@ def task_metrics(batch) -> dict[str, dict[str, float]]:
 def reward_stats(rewards: list[list[float]]) -> tuple[float, float]:
     flat = [r for g in rewards for r in g]
     return statistics.fmean(flat), (statistics.pstdev(flat) if len(flat) > 1 else 0.0)
-
-
-class MetricsLog:
-    """Appends step records to <run>/metrics.jsonl and prints their lines."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.path.write_text("")
-
-    def add(self, rec: StepRecord) -> None:
-        print(rec.line(), flush=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(asdict(rec)) + "\n")
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:

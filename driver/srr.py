@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from grpo.groups import GroupRequest
 from grpo.refine import improved, pick_initial, rectify_false_positives
 from grpo.srr import CandidatesRequest, ReflectRequest, SRRConfig
 from worlds.records import PromptRecord
@@ -28,6 +29,11 @@ class Episode:
     stage1_version: int              # the policy that drew the candidates
     stage1_rewards: list[float] = field(default_factory=list)
     initial: int = -1                # which candidate is refined
+
+    @classmethod
+    def of(cls, req: GroupRequest) -> "Episode":
+        """The episode of one request of the SRR stream (its index, prompt, seed; the stage-1 version)."""
+        return cls(index=req.index, prompt=req.prompt, seed=req.seed, stage1_version=req.policy_version)
 
     @property
     def initial_reward(self) -> float:

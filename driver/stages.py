@@ -61,17 +61,37 @@ def load_sources(cfg: Config) -> Sources:
 
 
 class GroupStream:
-    """Training requests in stream order: the source's next prompt; the group's seed from (run seed, index)."""
+    """Training requests in stream order: the source's next prompt; the group's seed from (run seed, index).
+
+    Exact resume: the source's state is noted before each request is drawn, so `state_at(i)` can restart
+    the stream at request i (the first group not yet trained, while later ones are in flight)."""
 
     def __init__(self, source: PromptSource, *, group_size: int, base_seed: int) -> None:
         self.source, self.group_size, self.base_seed = source, group_size, base_seed
         self.index = 0
+        self.snapshots: dict[int, dict] = {}
 
     def next_request(self, *, policy_version: int) -> GroupRequest:
         i = self.index
+        self.snapshots[i] = self.source.state()
         self.index += 1
         return GroupRequest(index=i, prompt=self.source.next(), group_size=self.group_size,
                             seed=self.base_seed * 1_000_003 + i, policy_version=policy_version)
+
+    def state_at(self, index: int) -> dict:
+        """Where to restart so that request `index` comes next (it must not have been forgotten)."""
+        if index == self.index:
+            return {"index": index, "source": self.source.state()}
+        return {"index": index, "source": self.snapshots[index]}
+
+    def forget_before(self, index: int) -> None:
+        for i in [i for i in self.snapshots if i < index]:
+            del self.snapshots[i]
+
+    def restore(self, state: dict) -> None:
+        self.index = int(state["index"])
+        self.source.restore(state["source"])
+        self.snapshots.clear()
 
 
 def heldout_selection(prompts: Sequence[PromptRecord], per_category: int) -> list[PromptRecord]:
@@ -101,6 +121,17 @@ def heldout_requests(prompts: Sequence[PromptRecord], ev: EvalConfig, *, policy_
                 out.append(EvalRequest(index=len(out), prompts=tuple(group[i:i + ev.batch_size]),
                                        seed=1000 * k + i, policy_version=policy_version))
     return out
+
+
+def check_finite(batch) -> None:
+    """Refuse a non-finite reward before advantages are computed, naming the sample and its prompt (a NaN
+    would silently poison every weight it touches; advantages of finite rewards are finite)."""
+    import math
+    for g in batch:
+        for k, r in enumerate(g.rewards()):
+            if not math.isfinite(r):
+                raise ValueError(f"{g.task} group {g.index} sample {k} (prompt {g.prompt.id} {g.prompt.text!r}): "
+                                 f"reward {r!r} is not finite")
 
 
 def shuffled_advantages(per_group: list[list[float]], *, seed: int) -> list[list[float]]:

@@ -15,7 +15,7 @@ Records that cross actor boundaries:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -204,20 +204,61 @@ def batch_advantages(rewards: list[list[float]], *, std_scope: str) -> BatchAdva
     return BatchAdvantages(per_group=out, zero_variance=sorted(int(i) for i in res.zero_variance_groups))
 
 
+@dataclass(frozen=True, kw_only=True)
+class BatchStats:
+    """What one optimizer step's loss saw, over the groups of one rank (`merge` combines ranks). On-policy
+    the GRPO loss is ~0 by construction: the ratio ranges, clip fractions and KLs are what move."""
+    groups: int
+    loss: float
+    image_loss: float
+    text_loss: float
+    image_ratio_min: float
+    image_ratio_max: float
+    text_ratio_min: float            # sequence-level ratios (NaN when no group wrote text)
+    text_ratio_max: float
+    image_clip_frac: float           # share of trained SDE steps whose ratio left the clip range
+    text_clip_frac: float
+    image_kl: float                  # per-step KL to the reference (0 unless a KL weight is set)
+    text_kl: float
+    think_entropy: float             # mean -log p of the sampled plan tokens (behaviour policy): an
+                                     # estimate of the plan's entropy in nats/token (NaN: no text)
+
+    @staticmethod
+    def merge(parts: list["BatchStats"]) -> "BatchStats":
+        """Ranks' stats as one step's: means weighted by groups, min of minima, max of maxima."""
+        n = sum(p.groups for p in parts)
+        mean = lambda k: sum(getattr(p, k) * p.groups for p in parts) / n  # noqa: E731
+        nanmin = lambda k: min((getattr(p, k) for p in parts if getattr(p, k) == getattr(p, k)),  # noqa: E731
+                               default=float("nan"))
+        nanmax = lambda k: max((getattr(p, k) for p in parts if getattr(p, k) == getattr(p, k)),  # noqa: E731
+                               default=float("nan"))
+        return BatchStats(groups=n, **{k: mean(k) for k in ("loss", "image_loss", "text_loss", "image_clip_frac",
+                                                            "text_clip_frac", "image_kl", "text_kl", "think_entropy")},
+                          image_ratio_min=nanmin("image_ratio_min"), image_ratio_max=nanmax("image_ratio_max"),
+                          text_ratio_min=nanmin("text_ratio_min"), text_ratio_max=nanmax("text_ratio_max"))
+
+
 def groups_loss(model: UnifiedModel, payloads: list[GroupPayload], advantages: list[list[float]],
                 settings: PolicySettings) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean over groups of the GRPO loss (text + image, one advantage per trajectory), each group scored
-    with the settings it was sampled with (its payload's think, guidance and task)."""
+    with the settings it was sampled with (its payload's think, guidance and task); the stats are a
+    `BatchStats` as a dict (it crosses the learner's generic StepResult)."""
     if len(payloads) != len(advantages):
         raise ValueError(f"groups_loss: {len(payloads)} groups but {len(advantages)} advantage lists")
     total = torch.zeros(())
-    stats = {"image_loss": 0.0, "text_loss": 0.0, "image_clip_frac": 0.0}
+    parts = []
     for p, adv in zip(payloads, advantages):
         res = grpo_loss(model, p.draw_prompts, p.rollout, torch.tensor(adv, dtype=torch.float32),
                         think=p.think, cfg=p.guidance or settings.flow.cfg, loss=replace(settings.loss, mode=p.task))
         total = total + res.loss / len(payloads)
-        stats["image_loss"] += res.image_loss / len(payloads)
-        stats["text_loss"] += res.text_loss / len(payloads)
-        stats["image_clip_frac"] += res.image.clipfrac / len(payloads)
-    stats["loss"] = float(total.detach())
-    return total, stats
+        think = p.rollout.think
+        nan = float("nan")
+        parts.append(BatchStats(
+            groups=1, loss=float(res.loss.detach()), image_loss=res.image_loss, text_loss=res.text_loss,
+            image_ratio_min=res.image.ratio_min, image_ratio_max=res.image.ratio_max,
+            text_ratio_min=res.text.ratio_min if res.text else nan, text_ratio_max=res.text.ratio_max if res.text else nan,
+            image_clip_frac=res.image.clipfrac, text_clip_frac=res.text.clipfrac if res.text else 0.0,
+            image_kl=res.image.kl, text_kl=res.text.kl if res.text else 0.0,
+            think_entropy=float(-think.logp[think.mask].mean()) if bool(think.mask.any()) else nan))
+    stats = BatchStats.merge(parts)
+    return total, {**asdict(stats), "loss": float(total.detach())}

@@ -134,7 +134,11 @@ class VerifierWorker:
             raise ValueError(f"verifier {self.verifier.name!r}: {len(answers)} answers for {len(requests)} images")
         out = []
         for r, scores in zip(requests, answers):
-            audit = aggregate(r.question_set, scores, mode=self.reward.mode, parent_rule=self.reward.parent_rule,
-                              fail_below=self.reward.fail_below)
+            try:
+                audit = aggregate(r.question_set, scores, mode=self.reward.mode, parent_rule=self.reward.parent_rule,
+                                  fail_below=self.reward.fail_below)
+            except ValueError as e:      # garbage from the backend: the pool counts and retries it, then names it
+                raise ValueError(f"verifier backend {self.verifier.name!r} answered garbage for sample {r.key!r}: "
+                                 f"{e}") from None
             out.append(ScoreResult(key=r.key, reward=audit.reward, audit=audit, verifier=self.verifier.name))
         return out
