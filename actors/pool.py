@@ -273,12 +273,12 @@ class ActorPool:
         self.config = config
         self.name = name or worker_cls.__name__
         env = {"runtime_env": {"env_vars": dict(config.env)}} if config.env else {}
-        actor_cls = ray.remote(worker_cls).options(
-            num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_restarts=-1,
-            max_task_retries=config.ray_task_retries, max_concurrency=1, **env)
+        options = dict(num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_restarts=-1,
+                       max_task_retries=config.ray_task_retries, max_concurrency=1, **env)
+        actor_cls = ray.remote(worker_cls)
         now = time.monotonic()
         tag = uuid.uuid4().hex[:4]          # names read well on the dashboard, unique per pool
-        self._actors = [_ActorState(handle=actor_cls.options(name=f"{self.name}-{i}-{tag}")
+        self._actors = [_ActorState(handle=actor_cls.options(name=f"{self.name}-{i}-{tag}", **options)
                                     .remote(*init_args, **(init_kwargs or {})),
                                     load=ActorLoad(in_flight=0, state="starting"), since=now)
                         for i in range(config.num_actors)]

@@ -240,7 +240,7 @@ class Pipeline:
             for lane in lanes:
                 lane.restore(state["lanes"][lane.task])
             counters.total.update(state["counters"])
-        elif cfg.eval.enabled:
+        elif cfg.eval.enabled and cfg.eval.before:
             result.before = self.evaluate()
         result.start_step = step
         fetch = lambda images: ray.get(list(images))  # noqa: E731

@@ -162,7 +162,7 @@ def train_sync(cfg: Config, *, log: RunLog | None = None, model=None, save_to: s
         load_optimizer(opt, resume / "learner")
         tasks.restore(state["lanes"])
         counters.total.update(state["counters"])
-    elif cfg.eval.enabled:
+    elif cfg.eval.enabled and cfg.eval.before:
         result.before = evaluate_local(model, prompter, sources, settings, cfg, scorer, policy_version=0)
     result.start_step = start
 
