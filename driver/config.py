@@ -21,7 +21,7 @@ from grpo.policy import LossConfig
 from driver.runlog import LogConfig
 from grpo.srr import SelfRefineConfig, SRRConfig
 from grpo.advantages import STD_SCOPES
-from reward_service.aggregate import MODES as REWARD_MODES, PARENT_RULES
+from reward_service.aggregate import MODES as REWARD_MODES, PARENT_RULES, SEMANTIC_RULES
 from reward_service.reward import RewardConfig
 from umm.config import ConfigError as ComponentConfigError
 from worlds.config import DataConfig, DataConfigError
@@ -69,10 +69,16 @@ class RewardSection:
     verifier: BackendSection = field(default_factory=BackendSection)
     mode: str = RewardConfig.mode                # how the semantic and quality means combine
     parent_rule: str = RewardConfig.parent_rule  # DSG-style dependencies between questions
+    semantic: str = RewardConfig.semantic        # how semantic questions combine: mean (the method's) | product |
+                                                 # softmin | min (reward_service/aggregate.py; docs/dvreward.md)
+    semantic_temperature: float = RewardConfig.semantic_temperature   # softmin's tau
+    category_weights: dict[str, float] = field(default_factory=dict)  # per semantic category (1 if not given)
     cache: str = ""                  # SQLite decomposition cache shared by the decomposer actors; "" = none
 
     def rule(self) -> RewardConfig:
-        return RewardConfig(mode=self.mode, parent_rule=self.parent_rule)
+        return RewardConfig(mode=self.mode, parent_rule=self.parent_rule, semantic=self.semantic,
+                            semantic_temperature=self.semantic_temperature,
+                            category_weights=dict(self.category_weights))
 
 
 @dataclass
@@ -136,6 +142,7 @@ class TasksConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = True             # held-out evaluation (data.heldout) before and after training
+    before: bool = True              # also before training (off: after only, e.g. repeated runs from one checkpoint)
     prompts_per_category: int = 8    # the first N held-out prompts of each category (0 = all)
     images_per_prompt: int = 1       # more images per prompt: a tighter before/after comparison
     batch_size: int = 16             # prompts per drawing batch (the unit dealt out to rollout actors)
@@ -207,6 +214,12 @@ def validate(cfg: Config) -> Config:
     _choice("trainer.std_scope", t.std_scope, STD_SCOPES)
     _choice("reward.mode", cfg.reward.mode, REWARD_MODES)
     _choice("reward.parent_rule", cfg.reward.parent_rule, PARENT_RULES)
+    _choice("reward.semantic", cfg.reward.semantic, SEMANTIC_RULES)
+    if not cfg.reward.semantic_temperature > 0:
+        raise ConfigError(f"reward.semantic_temperature={cfg.reward.semantic_temperature}: must be > 0")
+    for c, w in cfg.reward.category_weights.items():
+        if not w >= 0:
+            raise ConfigError(f"reward.category_weights.{c}={w}: must be >= 0")
     _at_least("trainer.steps", t.steps, 0)
     _at_least("trainer.groups_per_step", t.groups_per_step, 1)
     _at_least("trainer.max_staleness", t.max_staleness, 0)

@@ -219,7 +219,24 @@ def heldout_metrics(samples: Sequence[HeldoutSample], judges: dict[str, Judge]) 
     out.update({f"reward/{c}": float(np.mean(v)) for c, v in per_cat.items()})
     out.update({f"pass/{c}": v for c, v in question_pass_rates(s.result.audit for s in samples).items()})
     for world, judge in judges.items():
-        verdicts = [(s.prompt.category, s.judged) for s in samples if s.prompt.world == world and s.judged is not None]
-        if verdicts:
-            out.update({f"judge/{k}": v for k, v in judge.summary(verdicts).items()})
+        judged = [s for s in samples if s.prompt.world == world and s.judged is not None]
+        if judged:
+            out.update({f"judge/{k}": v for k, v in judge.summary((s.prompt.category, s.judged) for s in judged).items()})
+        if judged and callable(getattr(judge, "plan_is_right", None)) and any(s.plan for s in judged):
+            out.update(plan_metrics(judged, judge))
+    return out
+
+
+def plan_metrics(samples: Sequence[HeldoutSample], judge: Judge) -> dict[str, float]:
+    """Where failures come from, per category: plan/<cat> = share of plans that state the request;
+    follows/<cat> = share judged correct among the images drawn after a right plan (the drawing's part)."""
+    out: dict[str, float] = {}
+    by_cat: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    for s in samples:
+        by_cat[s.prompt.category].append((judge.plan_is_right(s.plan, s.prompt), bool(s.judged)))
+    for cat, pairs in by_cat.items():
+        out[f"plan/{cat}"] = sum(p for p, _ in pairs) / len(pairs)
+        right = [ok for p, ok in pairs if p]
+        if right:
+            out[f"follows/{cat}"] = sum(right) / len(right)
     return out

@@ -1,6 +1,13 @@
 """From per-question yes-probabilities to one reward, with its audit record.
 
-  semantic_mean = mean of the semantic questions' effective scores   (empty list -> 1.0)
+  semantic_mean = the semantic questions' effective scores combined   (empty list -> 1.0) by `semantic`:
+                  "mean"     sum_i w_i s_i / sum_i w_i                   (the method's; w_i = 1 by default)
+                  "product"  prod_i s_i ** w_i                           (a weighted geometric: one failed
+                                                                          clause takes the whole prompt down)
+                  "softmin"  -tau log( sum_i w_i exp(-s_i / tau) / sum_i w_i )   (-> min as tau -> 0,
+                                                                          -> the mean as tau grows)
+                  "min"      min_i s_i over questions with w_i > 0
+                  w_i = category_weights[category of question i] (1 when not given; 0 drops the category)
   quality_mean  = mean of the quality questions' effective scores    (empty list -> 1.0)
   reward        = sqrt(semantic_mean * quality_mean)   mode="geometric" (the method's)
                   (semantic_mean + quality_mean) / 2    mode="mean"
@@ -25,6 +32,7 @@ from dataclasses import asdict, dataclass
 from reward_service.schema import QuestionSet
 
 MODES: tuple[str, ...] = ("geometric", "mean", "min")
+SEMANTIC_RULES: tuple[str, ...] = ("mean", "product", "softmin", "min")
 PARENT_RULES: tuple[str, ...] = ("none", "zero", "scale")
 SCORE_TOLERANCE = 1e-6
 
@@ -51,6 +59,7 @@ class RewardResult:
     # how it was computed
     mode: str
     parent_rule: str
+    semantic_rule: str = "mean"
     # what it was computed from
     prompt: str
     prompt_hash: str
@@ -94,8 +103,33 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else 1.0
 
 
+def combine_semantic(scores: Sequence[float], categories: Sequence[str], *, rule: str = "mean",
+                     temperature: float = 0.1, weights: Mapping[str, float] | None = None) -> float:
+    """The semantic questions' effective scores as one number (see the module docstring); 1.0 for none."""
+    if rule not in SEMANTIC_RULES:
+        raise ValueError(f"aggregate: semantic={rule!r} is not one of {SEMANTIC_RULES}")
+    w = [float(weights.get(c, 1.0)) if weights else 1.0 for c in categories]
+    if any(x < 0 for x in w):
+        raise ValueError(f"aggregate: category_weights must be >= 0, got {dict(weights or {})}")
+    kept = [(s, x) for s, x in zip(scores, w) if x > 0]
+    if not kept:
+        return 1.0
+    total = sum(x for _, x in kept)
+    if rule == "mean":
+        return sum(s * x for s, x in kept) / total
+    if rule == "product":
+        return math.prod(s ** x for s, x in kept)
+    if rule == "min":
+        return min(s for s, _ in kept)
+    if not temperature > 0:
+        raise ValueError(f"aggregate: softmin temperature must be > 0, got {temperature!r}")
+    lo = min(s for s, _ in kept)                     # shift for a stable log-sum-exp
+    return lo - temperature * math.log(sum(x * math.exp(-(s - lo) / temperature) for s, x in kept) / total)
+
+
 def aggregate(qs: QuestionSet, scores: Sequence[float], *, mode: str = "geometric", parent_rule: str = "none",
-              fail_below: float = 0.5) -> RewardResult:
+              fail_below: float = 0.5, semantic: str = "mean", temperature: float = 0.1,
+              category_weights: Mapping[str, float] | None = None) -> RewardResult:
     """The reward of one image from its per-question scores (aligned with `qs.questions`)."""
     if mode not in MODES:
         raise ValueError(f"aggregate: mode={mode!r} is not one of {MODES}")
@@ -110,12 +144,15 @@ def aggregate(qs: QuestionSet, scores: Sequence[float], *, mode: str = "geometri
             eff[i] = 0.0
         elif parents and parent_rule == "scale":
             eff[i] = raw[i] * min(parents)
-    sem = _mean([e for q, e in zip(qs.questions, eff) if q.kind == "semantic"])
+    sem_rows = [(e, q.category) for q, e in zip(qs.questions, eff) if q.kind == "semantic"]
+    sem = combine_semantic([e for e, _ in sem_rows], [c for _, c in sem_rows], rule=semantic, temperature=temperature,
+                           weights=category_weights)
     qual = _mean([e for q, e in zip(qs.questions, eff) if q.kind == "quality"])
     reward = {"geometric": math.sqrt(sem * qual), "mean": (sem + qual) / 2, "min": min(sem, qual)}[mode]
     rows = tuple(AuditRow(id=q.id, text=q.text, kind=q.kind, category=q.category, parents=q.parents,
                           score=r, effective=e) for q, r, e in zip(qs.questions, raw, eff))
     return RewardResult(reward=reward, semantic_mean=sem, quality_mean=qual, mode=mode, parent_rule=parent_rule,
+                        semantic_rule=semantic,
                         prompt=qs.prompt, prompt_hash=qs.prompt_hash, version=str(qs.version), rows=rows)
 
 

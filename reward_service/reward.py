@@ -6,10 +6,11 @@ question, in order): `backends.shapes_verifier.ShapesVerifier` here; model-backe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from reward_service.aggregate import MODES, PARENT_RULES, RewardResult, aggregate
+from reward_service.aggregate import MODES, PARENT_RULES, SEMANTIC_RULES, RewardResult, aggregate
 from reward_service.schema import QuestionSet
 
 
@@ -25,6 +26,10 @@ class RewardConfig:
     mode: str = "geometric"          # "geometric" (sqrt(sem * qual), the method's) | "mean" | "min"
     parent_rule: str = "none"        # "none" (the released code) | "zero" (DSG) | "scale"
     fail_below: float = 0.5          # a parent at or below this fails ("zero" rule)
+    semantic: str = "mean"           # how semantic questions combine: "mean" (the method's) | "product" |
+                                     # "softmin" | "min" (reward_service.aggregate: a failed clause stays visible)
+    semantic_temperature: float = 0.1   # softmin's tau
+    category_weights: Mapping[str, float] = field(default_factory=dict)   # per semantic category; 1 if not given
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -33,6 +38,20 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.parent_rule={self.parent_rule!r}: not one of {PARENT_RULES}")
         if not 0.0 <= self.fail_below < 1.0:
             raise ValueError(f"RewardConfig.fail_below={self.fail_below!r}: must be in [0, 1)")
+        if self.semantic not in SEMANTIC_RULES:
+            raise ValueError(f"RewardConfig.semantic={self.semantic!r}: not one of {SEMANTIC_RULES}")
+        if not self.semantic_temperature > 0:
+            raise ValueError(f"RewardConfig.semantic_temperature={self.semantic_temperature!r}: must be > 0")
+        bad = {c: w for c, w in self.category_weights.items() if not w >= 0}
+        if bad:
+            raise ValueError(f"RewardConfig.category_weights={bad}: weights must be >= 0")
+
+
+    def aggregate(self, qs: QuestionSet, scores) -> RewardResult:
+        """The reward of one image's scores under this rule (reward_service.aggregate)."""
+        return aggregate(qs, scores, mode=self.mode, parent_rule=self.parent_rule, fail_below=self.fail_below,
+                         semantic=self.semantic, temperature=self.semantic_temperature,
+                         category_weights=self.category_weights)
 
 
 class DVReward:
@@ -44,5 +63,4 @@ class DVReward:
 
     def score(self, image: Any, qs: QuestionSet) -> RewardResult:
         scores = self.verifier.answer(image, qs)
-        return aggregate(qs, scores, mode=self.config.mode, parent_rule=self.config.parent_rule,
-                         fail_below=self.config.fail_below)
+        return self.config.aggregate(qs, scores)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from reward_service.aggregate import RewardResult, aggregate
+from reward_service.aggregate import RewardResult
 from reward_service.backends import BackendSpec, DecomposeRequest, build_decomposer, build_verifier
 from reward_service.cache import DecompositionCache
 from reward_service.reward import RewardConfig
@@ -135,8 +135,7 @@ class VerifierWorker:
         out = []
         for r, scores in zip(requests, answers):
             try:
-                audit = aggregate(r.question_set, scores, mode=self.reward.mode, parent_rule=self.reward.parent_rule,
-                                  fail_below=self.reward.fail_below)
+                audit = self.reward.aggregate(r.question_set, scores)
             except ValueError as e:      # garbage from the backend: the pool counts and retries it, then names it
                 raise ValueError(f"verifier backend {self.verifier.name!r} answered garbage for sample {r.key!r}: "
                                  f"{e}") from None

@@ -84,6 +84,11 @@ class ShapesJudge:
         from shapes.evaluate import accuracy
         return accuracy(verdicts)
 
+    def plan_is_right(self, plan: str, prompt: PromptRecord) -> bool:
+        """Does the written plan state what the prompt asks for (shapes.plans)? Analysis, never a reward."""
+        from shapes.plans import plan_is_right
+        return plan_is_right(plan, prompt.meaning)
+
 
 class ShapesWorld:
     name = "shapes"

@@ -5,7 +5,9 @@
                    from its options, and optionally a Judge
     Judge          (images (N, H, W, 3) uint8, prompt) -> one strict verdict per image; reported,
                    never the reward; `summary` turns (category, verdict) pairs into the numbers the
-                   world reports (e.g. a GenEval-style mean)
+                   world reports (e.g. a GenEval-style mean); optionally `plan_is_right(plan, prompt)`
+                   (does a written plan state the request?), which splits failures into the plan's and
+                   the drawing's
 
 A prompt file is the world-less source (worlds.files); the shapes world is one plugin (shapes.plugin).
 """

@@ -67,6 +67,19 @@ def test_heldout_metrics_by_hand():
     assert m["reward/mean"] == pytest.approx(0.6) and m["reward/x"] == pytest.approx(0.6) and m["reward/y"] == 0.6
     assert m["pass/count"] == pytest.approx(2 / 3) and m["pass/spatial"] == 0.5 and m["pass/all"] == pytest.approx(3 / 5)
     assert m["judge/acc"] == 0.5 and m["judge/n"] == 2.0          # only the world's prompts, only judged ones
+    assert not any(k.startswith("plan/") for k in m)                # this judge cannot read plans
+
+
+class _PlanJudge(_Judge):
+    def plan_is_right(self, plan, prompt):
+        return plan == "right"
+
+
+def test_plan_metrics_split_failures_into_the_plan_and_the_drawing():
+    a = PromptRecord(id="a", text="a", category="x", world="w")
+    s = lambda plan, ok: HeldoutSample(prompt=a, result=_result(0.5, [("count", 0.5)]), judged=ok, plan=plan)  # noqa
+    m = heldout_metrics([s("right", True), s("right", False), s("right", True), s("wrong", False)], {"w": _PlanJudge()})
+    assert m["plan/x"] == 0.75 and m["follows/x"] == pytest.approx(2 / 3)
 
 
 class _CountingReward(LocalReward):

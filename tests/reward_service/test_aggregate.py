@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from reward_service.aggregate import SCORE_TOLERANCE, aggregate, yes_from_text, yes_probability
+from reward_service.aggregate import SCORE_TOLERANCE, aggregate, combine_semantic, yes_from_text, yes_probability
 from reward_service.schema import DecomposerVersion, Question, QuestionSet, prompt_key
 
 V = DecomposerVersion(name="test", template_version="t1")
@@ -20,6 +20,7 @@ def qset(*spec):
 
 DSG = qset(("e", "semantic", ()), ("a", "semantic", ("e",)), ("g", "semantic", ("a",)),
            ("q1", "quality", ()), ("q2", "quality", ()))
+SEMANTIC_QS = qset(("e", "semantic", ()), ("r", "semantic", ()), ("q", "quality", ()))
 
 
 def test_modes():
@@ -97,6 +98,7 @@ def test_to_dict_is_plain_json_of_the_whole_record():
 
     assert r.to_dict() == {
         "reward": 0.5, "semantic_mean": 0.5, "quality_mean": 1.0, "mode": "min", "parent_rule": "scale",
+        "semantic_rule": "mean",
         "prompt": "p", "prompt_hash": prompt_key("p"), "version": "test@t1",
         "rows": [row("e", "semantic", "existence", [], 0.75, 0.75),
                  row("a", "semantic", "existence", ["e"], 0.5, 0.375),
@@ -171,3 +173,34 @@ def test_yes_probability_reads_positive_logprobs_as_probability_one():
 ])
 def test_yes_from_text(text, expected):
     assert yes_from_text(text) == expected
+
+
+@pytest.mark.parametrize("rule", ["mean", "product", "softmin", "min"])
+def test_semantic_rules_against_their_formulas(rule):
+    """Each rule by hand on (0.9, 0.2, 0.8) with weights (existence 2, spatial 1, count 0: dropped)."""
+    scores, cats = [0.9, 0.2, 0.8], ["existence", "spatial", "count"]
+    weights = {"existence": 2.0, "count": 0.0}
+    want = {"mean": (2 * 0.9 + 0.2) / 3, "product": 0.9 ** 2 * 0.2, "min": 0.2,
+            "softmin": -0.1 * math.log((2 * math.exp(-9.0) + math.exp(-2.0)) / 3)}[rule]
+    assert combine_semantic(scores, cats, rule=rule, temperature=0.1, weights=weights) == pytest.approx(want, rel=1e-12)
+    assert combine_semantic([], [], rule=rule) == 1.0
+    assert combine_semantic([0.3], ["count"], rule=rule, weights={"count": 0.0}) == 1.0   # nothing kept
+
+
+def test_softmin_lies_between_min_and_mean_and_a_failed_clause_stays_visible():
+    s, c = [1.0, 1.0, 1.0, 1.0, 1.0, 0.0], ["existence"] * 5 + ["spatial"]   # one clause of six fails
+    mean = combine_semantic(s, c, rule="mean")
+    assert mean == pytest.approx(5 / 6)
+    for tau in (0.05, 0.2, 1.0):
+        soft = combine_semantic(s, c, rule="softmin", temperature=tau)
+        assert 0.0 <= soft <= mean
+    assert combine_semantic(s, c, rule="softmin", temperature=0.05) < 0.1           # close to the min
+    assert combine_semantic(s, c, rule="softmin", temperature=100.0) == pytest.approx(mean, abs=1e-3)
+    r = aggregate(SEMANTIC_QS, [1.0, 0.0, 1.0], semantic="product")
+    assert r.semantic_mean == 0.0 and r.reward == 0.0 and r.semantic_rule == "product"
+    with pytest.raises(ValueError, match="semantic='median' is not one of"):
+        aggregate(SEMANTIC_QS, [1.0, 0.0, 1.0], semantic="median")
+    with pytest.raises(ValueError, match="category_weights must be >= 0"):
+        combine_semantic([0.5], ["count"], weights={"count": -1.0})
+    with pytest.raises(ValueError, match="softmin temperature must be > 0"):
+        combine_semantic([0.5], ["count"], rule="softmin", temperature=0.0)
