@@ -39,12 +39,19 @@ def _assert_same(steps, ref_steps):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
 
 
-def _metrics_text(port: int, run_name: str, *, wait_s: float = 45.0) -> str:
-    """Ray's Prometheus endpoint on this node, once it carries this run's series."""
+def _policy_version(text: str, run_name: str) -> float:
+    lines = [line for line in text.splitlines()
+             if line.startswith("ray_alphagrpo_policy_version{") and f'run="{run_name}"' in line]
+    return float(lines[0].rsplit(" ", 1)[1]) if lines else float("-inf")
+
+
+def _metrics_text(port: int, run_name: str, *, version: int, wait_s: float = 60.0) -> str:
+    """Ray's Prometheus endpoint on this node, once it shows this run at `version` (Ray exports its
+    metrics every few seconds, so the first scrape can lag the step that just ended)."""
     deadline = time.time() + wait_s
     while True:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        if f'run="{run_name}"' in text or time.time() > deadline:
+        if _policy_version(text, run_name) >= version or time.time() > deadline:
             return text
         time.sleep(2)
 
@@ -58,7 +65,7 @@ def reference(ray_cluster, tmp_path_factory):
     def on_step(pipe, rec):
         if rec.step == 3:
             port = ray._private.worker.global_worker.node.metrics_export_port
-            scraped.append(_metrics_text(port, "opsref"))
+            scraped.append(_metrics_text(port, "opsref", version=3))
 
     summary = run(load(SMALL + [f"run.out_dir={out}", "run.name=opsref"]), on_step=on_step)
     assert summary["steps"] == 4
@@ -71,9 +78,7 @@ def test_the_runs_numbers_are_on_rays_prometheus_endpoint(reference):
     for name in ("reward_mean", "reward_std", "question_pass", "stage_seconds", "queue_depth", "staleness_max",
                  "policy_version", "zero_variance_fraction", "cache_hit_rate", "actor_restarts"):
         assert f"ray_alphagrpo_{name}" in series, name
-    version = [line for line in text.splitlines() if line.startswith("ray_alphagrpo_policy_version{")
-               and 'run="opsref"' in line]
-    assert version and float(version[0].rsplit(" ", 1)[1]) >= 3          # published as it trained
+    assert _policy_version(text, "opsref") >= 3                            # published as it trained
     assert any('category="all"' in line for line in text.splitlines() if "ray_alphagrpo_question_pass" in line)
 
 
