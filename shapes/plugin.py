@@ -54,6 +54,20 @@ class ShapesPrompts:
         self.name = f"shapes[{','.join(self.families)}]"
         self.rng = random.Random(seed)
         self.redrawn = 0                  # generated prompts refused as held-out (redrawn)
+        for fam in dict.fromkeys(self.families):
+            self._check_trainable(fam)
+
+    def _check_trainable(self, family: str, tries: int = 500) -> None:
+        """Refuse a family whose every generated text is held out (two_objects: shapes-geneval holds out
+        all of its 24 texts), which would otherwise make next() redraw forever."""
+        rng = random.Random(f"trainable:{family}")
+        for _ in range(tries):
+            p = generate(family, rng, canvas_size=self.canvas_size)
+            if not is_held_out(p.text, family=family, canvas_size=self.canvas_size) \
+                    and normalised(p.text) not in self.exclude:
+                return
+        raise DataConfigError(f"data.train.options.families: {family!r} has no prompt to train on (none of "
+                              f"{tries} generated texts is outside the held-out prompts); train on other families")
 
     def next(self) -> PromptRecord:
         while True:

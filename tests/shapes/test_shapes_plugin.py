@@ -32,6 +32,18 @@ def test_stream_is_seeded_never_held_out_and_resumes_exactly():
     assert not any(normalised(d.next().text) in ban for _ in range(100)) and d.redrawn > 0
 
 
+def test_a_family_whose_every_text_is_held_out_is_refused_instead_of_redrawn_forever():
+    texts = {p.text for p in benchmark_prompts() if p.family == "two_objects"}
+    assert len(texts) == 24                                 # the family's whole space of texts
+    with pytest.raises(DataConfigError, match="'two_objects' has no prompt to train on"):
+        ShapesWorld().train_source({"families": ["implicit_color", "two_objects"]}, seed=0)
+    # a run-level exclusion that covers a family's remaining texts is refused the same way
+    rest = {normalised(ShapesWorld().train_source({"families": ["single_object"]}, seed=s).next().text)
+            for s in range(2000)}
+    with pytest.raises(DataConfigError, match="'single_object' has no prompt"):
+        ShapesWorld().train_source({"families": ["single_object"]}, seed=0, exclude=frozenset(rest))
+
+
 def test_heldout_is_shapes_geneval_without_edits_and_options_are_checked():
     held = ShapesWorld().heldout_prompts({})
     bench = [p for p in benchmark_prompts() if p.family != "edit"]
