@@ -29,8 +29,11 @@ def rss_bytes() -> int:
 
 
 def store_used_bytes(ray) -> float:
-    total = ray.cluster_resources().get("object_store_memory", 0.0)
-    return total - ray.available_resources().get("object_store_memory", total)
+    """Bytes held in the object store (plasma) across the cluster, as `ray memory --stats-only` reports
+    them (Ray's internal API: the public resource view counts reservations, not stored objects)."""
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+    reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
+    return float(reply.store_stats.object_store_bytes_used)
 
 
 def growth(series: list[float]) -> float:

@@ -67,8 +67,10 @@ def run(cfg: Config, *, on_step=None, stop: threading.Event | None = None) -> di
         print(f"resuming from {resume} (step {resumed_step} done)", flush=True)
     elif cfg.eval.enabled:
         per = cfg.eval.prompts_per_category or "all"
-        print(f"held-out evaluation ({cfg.data.heldout.source}) before and after training: {per} prompts per "
-              f"category x {cfg.eval.images_per_prompt} image(s); evaluating the starting policy...", flush=True)
+        when = "before and after training" if cfg.eval.before else "after training"
+        print(f"held-out evaluation ({cfg.data.heldout.source}) {when}: {per} prompts per category x "
+              f"{cfg.eval.images_per_prompt} image(s)" + ("; evaluating the starting policy..." if cfg.eval.before
+                                                          else ""), flush=True)
     policy_dir = out / "policy" if cfg.run.save_policy else None
     t0 = time.perf_counter()
     try:
