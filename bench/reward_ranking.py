@@ -120,13 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     text = table(data)
     print(text)
     if args.write:
-        from driver.experiments.results import machine, write_section
+        from driver.experiments.results import command_line, machine, write_section
         from driver.config import REPO_ROOT
         n = sum(counts.values())
         judged_ok = sum(sum(j) for fam in data.values() for j, _ in fam)
         body = "\n".join([
             "### Measured: same-prompt ranking per family (bench/reward_ranking.py)", "",
-            f"`python -m bench.reward_ranking {' '.join(argv if argv is not None else sys.argv[1:])}` on {machine()}: "
+            f"`{command_line('bench.reward_ranking', argv)}` on {machine()}: "
             f"{n} images of the shipped policy (training-style groups of {n // max(1, sum(len(v) for v in data.values()))}, "
             f"{args.per_family} generated prompts per family, none held out), {judged_ok} judged correct. "
             "Cells: same-prompt pair accuracy % per family; last column over all families: pair accuracy % / "

@@ -22,7 +22,7 @@ import tempfile
 import time
 
 from driver.config import load
-from driver.experiments.results import machine, write_section
+from driver.experiments.results import command_line, machine, write_section
 from driver.main import run
 
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr", "implicit_color",
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                                args.images, args.overrides, out, "control")
             rows.append(row(f"control: {args.recipes[0]}, advantages shuffled, seed {args.seeds[0]}", m, minutes, n))
             print(rows[-1], flush=True)
-    command = "python -m driver.experiments.learning " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("driver.experiments.learning", argv)
     body = "\n".join([
         "## Learning every category (issue 19)", "",
         f"`{command.strip()}` on {machine()}. Held-out shapes-geneval: 24 prompts per category x {args.images} "

@@ -20,6 +20,11 @@ def machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
+def command_line(module: str, argv: list[str] | None) -> str:
+    """How a script was invoked, for the table's caption: `python -m <module> <args>`."""
+    return " ".join(["python -m", module, *(argv if argv is not None else sys.argv[1:])])
+
+
 def write_section(name: str, body: str, path: Path = RESULTS) -> Path:
     """Replace (or append) the section between <!-- name --> and <!-- /name --> markers; tmp + rename."""
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from driver.config import load
-from driver.experiments.results import machine, write_section
+from driver.experiments.results import command_line, machine, write_section
 from driver.refine import run as refine_run
 from driver.sync import train_sync
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes = (time.perf_counter() - t0) / 60
         rows.append(row(name, evaluate(str(policy), args.per_category, args.overrides, out / tag / "refine"), minutes))
         print(rows[-1], flush=True)
-    command = "python -m driver.experiments.srr " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("driver.experiments.srr", argv)
     body = "\n".join([
         "## Self-reflective refinement (issue 17)", "",
         f"`{command.strip()}` on {machine()}. Training: sync mode, tasks rt2i 0.5 / srr 0.5, {args.steps} steps "
