@@ -15,6 +15,7 @@ training. Nothing here is tuned on the held-out prompts.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from driver.config import load
 from driver.experiments.results import command_line, machine, write_section
 from driver.refine import run as refine_run
 from driver.sync import train_sync
+from shapes.critiques import kind_shares
 
 BASE = ["trainer.mode=sync", "tasks.rt2i=0.5", "tasks.srr=0.5", "eval.enabled=false", "run.out_dir=runs/experiments"]
 HELDOUT = "data.heldout.options={families: [single_object, two_objects, counting, colors, position, color_attr, " \
@@ -30,16 +32,26 @@ HELDOUT = "data.heldout.options={families: [single_object, two_objects, counting
 
 
 def evaluate(checkpoint: str, per_category: int, overrides: list[str], out: Path) -> dict[str, float]:
+    """driver.refine's summary, and the kinds of critique it wrote (shapes.critiques)."""
     cfg = load(BASE + [HELDOUT, f"policy.checkpoint={checkpoint}", f"eval.prompts_per_category={per_category}",
                        "eval.images_per_prompt=1", *overrides])
-    return refine_run(cfg, out_dir=out)
+    summary = refine_run(cfg, out_dir=out)
+    return summary | critique_shares(out / "results.jsonl")
+
+
+def critique_shares(results: Path) -> dict[str, float]:
+    """The share of each critique kind among every critique in driver.refine's results.jsonl."""
+    critiques = [c for line in results.read_text().splitlines() if line.strip()
+                 for c in json.loads(line)["critiques"]]
+    return {f"critiques/{k}": v for k, v in kind_shares(critiques).items()} | {"critiques/n": len(critiques)}
 
 
 def row(name: str, m: dict[str, float], minutes: float | None) -> str:
     pct = lambda k: f"{100 * m[k]:.1f}"  # noqa: E731
     return (f"| {name} | {pct('judge/first')} | {pct('judge/final')} | {pct('judge/fixes')} ({m['judge/fixes_n']:.0f}) "
             f"| {pct('judge/breaks')} ({m['judge/breaks_n']:.0f}) | {m['reward/first']:.3f} -> {m['reward/final']:.3f} "
-            f"| {pct('refined')} | {pct('changed')} | {'-' if minutes is None else f'{minutes:.1f}'} |")
+            f"| {pct('refined')} | {pct('changed')} | {m['critiques/n']:.0f}: {pct('critiques/instruction')} / "
+            f"{pct('critiques/description')} / {pct('critiques/answer')} | {'-' if minutes is None else f'{minutes:.1f}'} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         f"`{command.strip()}` on {machine()}. Training: sync mode, tasks rt2i 0.5 / srr 0.5, {args.steps} steps "
         f"from checkpoints/shapes-base (configs/default.yaml otherwise). Evaluation: inference-time SRR on "
         f"{args.per_category} held-out shapes-geneval prompts per category (8 text-to-image categories), one image "
-        "each, refine.threshold / refine.rounds from the config; the judge only reports.", "",
+        "each, refine.threshold / refine.rounds from the config; the judge only reports. Critiques: what the "
+        "written reflections are (shapes.critiques): an edit instruction, a description of shapes, or a bare yes / "
+        "no.", "",
         "| policy | one-pass acc. % | after SRR % | fixes % (n) | breaks % (n) | own reward first -> final "
-        "| refined % | changed % | train min |",
-        "|---|---|---|---|---|---|---|---|---|", *rows])
+        "| refined % | changed % | critiques: n: instruction / description / yes-no % | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|", *rows])
     print(f"wrote {write_section('srr', body)}")
     return 0
 
