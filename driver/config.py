@@ -287,6 +287,17 @@ def load(argv: list[str] | None = None) -> Config:
     return validate(cfg)
 
 
+def load_command_line(argv: list[str] | None = None) -> Config:
+    """A command's config from its arguments (sys.argv[1:] when None); a bad one prints
+    `config error: <what, naming the key or file>` and exits with status 2 (no traceback)."""
+    import sys
+    try:
+        return load(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _culprit(schema, file_cfg, overrides: list[str]) -> str | None:
     """The first override that fails on its own (OmegaConf names no key for some errors, e.g. a tuple
     of the wrong length)."""

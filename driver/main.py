@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from driver.checkpoint import Checkpointer, complete, resolve
-from driver.config import REPO_ROOT, Config, ConfigError, load, to_yaml
+from driver.config import REPO_ROOT, Config, load_command_line, to_yaml
 from driver.metrics import before_after_table
 from driver.runlog import RunLog
 
@@ -127,11 +127,7 @@ def _run_pipeline(cfg: Config, *, log, on_step, checkpoints, resume, stop, polic
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = load(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_command_line(argv)
     run(cfg, stop=stop_on_signals())
     return 0
 

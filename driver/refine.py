@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from driver.config import Config, ConfigError, EvalConfig, load
+from driver.config import Config, ConfigError, EvalConfig, load_command_line
 from driver.stages import Scorer, heldout_requests, heldout_selection
 from grpo.groups import EvalRequest, PolicySettings, draw_heldout
 from grpo.srr import SelfRefineConfig, SRRConfig, draw_refinements
@@ -120,11 +120,7 @@ def run(cfg: Config, *, out_dir: Path | None = None, sources: Sources | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = load(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_command_line(argv)
     summary = run(cfg)
     for k, v in summary.items():
         print(f"{k:16s} {v:.4f}")

@@ -71,3 +71,14 @@ def test_the_last_window_that_fits_is_accepted():
 def test_sync_mode_does_not_need_divisible_learner_shards():
     cfg = load(["trainer.mode=sync", "trainer.groups_per_step=3"])
     assert cfg.trainer.groups_per_step == 3
+
+
+@pytest.mark.parametrize("module", ["driver.main", "driver.refine"])
+def test_a_command_with_a_bad_config_says_which_key_and_exits_2_without_a_traceback(module):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", module, "trainer.steps=-1"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("config error: trainer.steps"), done.stderr
+    assert "Traceback" not in done.stderr
