@@ -38,8 +38,15 @@ def test_batch_advantages_match_an_independent_computation():
         expect = (np.array(g) - np.mean(g)) / (std + 1e-4)
         if max(g) == min(g):
             expect = np.zeros(3)
-        np.testing.assert_allclose(adv, np.clip(expect, -5, 5), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(adv, np.clip(expect, -5, 5), rtol=1e-6, atol=1e-6)   # fp32 advantages
     assert out.zero_variance == [1]
+    by_group = batch_advantages(rewards, std_scope="group")        # each group's own std
+    for g, adv in zip(rewards, by_group.per_group):
+        expect = np.zeros(3) if max(g) == min(g) else (np.array(g) - np.mean(g)) / (np.std(g) + 1e-4)
+        np.testing.assert_allclose(adv, np.clip(expect, -5, 5), rtol=1e-6, atol=1e-6)
+    # rewards are read in float64: a difference below fp32's resolution at 1.0 (1.2e-7) is still a signal
+    fine = batch_advantages([[1.0, 1.0 + 1e-7]], std_scope="batch")
+    assert fine.zero_variance == [] and fine.per_group[0][0] < 0 < fine.per_group[0][1]
 
 
 def test_sample_group_is_deterministic_and_judged_by_the_world(small):

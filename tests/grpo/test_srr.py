@@ -1,5 +1,6 @@
 """grpo.srr: SRR's stage-1 candidates and stage-2 reflect-and-edit rollouts through the shipped shapes
 policy, and the pick of the initial image (grpo.refine.pick_initial)."""
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +12,8 @@ from driver.stages import settings_from
 from grpo.groups import groups_loss
 from grpo.policy import recompute
 from grpo.refine import pick_initial
-from grpo.srr import CandidatesRequest, ReflectRequest, SRRConfig, draw_candidates, reflect_group
+from grpo.srr import (CandidatesRequest, ReflectRequest, SelfRefineConfig, SRRConfig, draw_candidates,
+                      reflect_group)
 from grpo.loading import load_policy, load_prompter
 from shapes.plugin import ShapesJudge, ShapesWorld
 from umm.config import ConfigError
@@ -100,3 +102,47 @@ def test_srr_config_checks_name_the_key():
                      (replace(ok, think=replace(ok.think, enabled=False)), "srr.think.enabled")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             bad.validate()
+
+
+def test_srr_config_bounds_are_inclusive_where_the_method_allows_and_messages_name_nested_keys():
+    ok = SRRConfig()
+    replace(ok, candidates=1).validate()                      # one stage-1 image is a (degenerate) episode
+    replace(ok, candidate_steps=1).validate()
+    for bad, key in [(replace(ok, pick_temperature=0.0), "srr.pick_temperature: must be > 0"),
+                     (replace(ok, candidate_steps=0), "srr.candidate_steps: must be >= 1"),
+                     (replace(ok, think=replace(ok.think, max_new_tokens=0)), "srr.think.max_new_tokens"),
+                     (replace(ok, flow=replace(ok.flow, num_steps=0)), "srr.flow.num_steps")]:
+        with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.")):
+            bad.validate()
+    with pytest.raises(ConfigError, match=r"^refine\.srr\.candidates"):
+        replace(ok, candidates=0).validate("refine.srr")
+
+
+def test_self_refine_config_bounds():
+    ok = SelfRefineConfig()
+    assert ok.validate() is ok
+    for fine in (replace(ok, threshold=0.0), replace(ok, threshold=1.0), replace(ok, rounds=0),
+                 replace(ok, batch_size=1)):
+        fine.validate()
+    for bad, key in [(replace(ok, threshold=-0.01), "refine.threshold: must be in [0, 1]"),
+                     (replace(ok, threshold=1.01), "refine.threshold"), (replace(ok, rounds=-1), "refine.rounds"),
+                     (replace(ok, batch_size=0), "refine.batch_size")]:
+        with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.").replace("[", r"\[").replace("]", r"\]")):
+            bad.validate()
+
+
+def test_pick_initial_shape_checks_and_its_generator():
+    assert pick_initial(torch.tensor([0.3])) == 0                          # one candidate is enough
+    assert pick_initial(torch.tensor([0.3]), pick="softmax") == 0
+    for bad in (torch.tensor([]), torch.zeros(2, 2)):
+        with pytest.raises(ValueError, match=rf"^stage1_rewards must have shape \(m,\) with m >= 1, got "
+                                             rf"{re.escape(str(tuple(bad.shape)))}"):
+            pick_initial(bad)
+    r = torch.tensor([0.5, 0.45, 0.4, 0.55])
+    draws = []
+    for global_seed in (1, 2):                 # the pick follows its own generator, not torch's global RNG
+        torch.manual_seed(global_seed)
+        gen = torch.Generator().manual_seed(0)
+        draws.append([pick_initial(r, pick="softmax", temperature=1.0, generator=gen) for _ in range(64)])
+    assert draws[0] == draws[1]
+    assert len(set(draws[0])) > 1

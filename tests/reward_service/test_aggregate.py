@@ -200,7 +200,15 @@ def test_softmin_lies_between_min_and_mean_and_a_failed_clause_stays_visible():
     assert r.semantic_mean == 0.0 and r.reward == 0.0 and r.semantic_rule == "product"
     with pytest.raises(ValueError, match="semantic='median' is not one of"):
         aggregate(SEMANTIC_QS, [1.0, 0.0, 1.0], semantic="median")
-    with pytest.raises(ValueError, match="category_weights must be >= 0"):
+    with pytest.raises(ValueError, match=r"category_weights must be >= 0, got \{'count': -1.0\}"):
         combine_semantic([0.5], ["count"], weights={"count": -1.0})
     with pytest.raises(ValueError, match="softmin temperature must be > 0"):
         combine_semantic([0.5], ["count"], rule="softmin", temperature=0.0)
+
+
+def test_semantic_rules_without_weights_weigh_every_question_once_and_softmin_defaults_to_tau_0_1():
+    s, c = [0.9, 0.5, 0.8], ["existence", "spatial", "count"]
+    assert combine_semantic(s, c, rule="product") == pytest.approx(0.9 * 0.5 * 0.8, rel=1e-12)
+    assert combine_semantic(s, c, rule="mean") == pytest.approx((0.9 + 0.5 + 0.8) / 3, rel=1e-12)
+    want = 0.5 - 0.1 * math.log((math.exp(-4.0) + 1.0 + math.exp(-3.0)) / 3)   # docs/dvreward.md: tau 0.1
+    assert combine_semantic(s, c, rule="softmin") == pytest.approx(want, rel=1e-12)
