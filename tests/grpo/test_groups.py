@@ -44,8 +44,9 @@ def test_batch_advantages_match_an_independent_computation():
     for g, adv in zip(rewards, by_group.per_group):
         expect = np.zeros(3) if max(g) == min(g) else (np.array(g) - np.mean(g)) / (np.std(g) + 1e-4)
         np.testing.assert_allclose(adv, np.clip(expect, -5, 5), rtol=1e-6, atol=1e-6)
-    # rewards are read in float64: a difference below fp32's resolution at 1.0 (1.2e-7) is still a signal
-    fine = batch_advantages([[1.0, 1.0 + 1e-7]], std_scope="batch")
+    # rewards are read in float64: a difference that fp32 rounds away at 1.0 (spacing 1.2e-7) is still a
+    # signal when it is above the zero-variance tolerance (1e-8)
+    fine = batch_advantages([[1.0, 1.0 + 2e-8]], std_scope="batch")
     assert fine.zero_variance == [] and fine.per_group[0][0] < 0 < fine.per_group[0][1]
 
 
@@ -148,3 +149,128 @@ def test_draw_heldout_is_the_ode_path_and_seeded_per_batch(small):
     np.testing.assert_array_equal(images, again)
     from shapes.judge import judge as shapes_judge
     assert meta.judged == tuple(shapes_judge(img, p.meaning).correct for img, p in zip(images, prompts))
+
+
+def test_batch_stats_merge_weighs_means_by_groups_and_skips_nan_extremes():
+    from dataclasses import fields, replace
+
+    from grpo.groups import BatchStats
+    nan = float("nan")
+    means = ("loss", "image_loss", "text_loss", "image_clip_frac", "text_clip_frac", "image_kl", "text_kl",
+             "think_entropy")
+    a = BatchStats(groups=1, **{k: 1.0 + i for i, k in enumerate(means)}, image_ratio_min=0.9, image_ratio_max=1.1,
+                   text_ratio_min=nan, text_ratio_max=nan)
+    b = BatchStats(groups=3, **{k: 10.0 * (i + 1) for i, k in enumerate(means)}, image_ratio_min=0.8,
+                   image_ratio_max=1.05, text_ratio_min=0.7, text_ratio_max=1.3)
+    m = BatchStats.merge([a, b])
+    assert m.groups == 4
+    for i, k in enumerate(means):
+        assert getattr(m, k) == pytest.approx((1 * (1.0 + i) + 3 * 10.0 * (i + 1)) / 4, rel=1e-12), k
+    c = replace(a, think_entropy=nan, groups=2)                # a group without a plan has no plan entropy
+    assert BatchStats.merge([b, c]).think_entropy == b.think_entropy
+    assert np.isnan(BatchStats.merge([c]).think_entropy)
+    assert (m.image_ratio_min, m.image_ratio_max, m.text_ratio_min, m.text_ratio_max) == (0.8, 1.1, 0.7, 1.3)
+    m2 = BatchStats.merge([b, a])                            # order-free, NaN first or last
+    assert (m2.image_ratio_min, m2.image_ratio_max, m2.text_ratio_min, m2.text_ratio_max) == (0.8, 1.1, 0.7, 1.3)
+    none = BatchStats.merge([a, a])                           # no group wrote text: NaN, not an error
+    assert np.isnan(none.text_ratio_min) and np.isnan(none.text_ratio_max)
+    assert {f.name for f in fields(BatchStats)} == {"groups", *means, "image_ratio_min", "image_ratio_max",
+                                                     "text_ratio_min", "text_ratio_max"}
+
+
+def test_groups_loss_stats_are_each_groups_own_loss_merged_off_policy_and_without_a_plan(small):
+    """Off policy (weights moved after sampling), one group with a plan at a non-default think temperature
+    and one without a plan: the loss and every stat equal those of grpo_loss run on each group with its own
+    settings, merged by hand."""
+    from dataclasses import replace
+
+    from grpo.policy import grpo_loss
+    cfg, model, prompter = small
+    s = settings_from(cfg)
+    # text clip bounds tighter than the drift of the plan's ratio, so the text clip fraction is not 0
+    s = replace(s, loss=replace(s.loss, text_clip_low=1e-7, text_clip_high=1e-7))
+    hot = replace(s, think=replace(s.think, temperature=0.7))
+    plain = replace(s, think=None)
+    pays = [sample_group(model, prompter, _request("colors", seed=2, index=0), hot)[1],
+            sample_group(model, prompter, _request("colors", seed=3, index=1), plain)[1]]
+    assert pays[0].think.temperature == 0.7 and pays[1].think is None
+    adv = [[1.0, -0.5, 0.25], [0.5, 0.25, -1.0]]
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 3e-2)
+        loss, stats = groups_loss(model, pays, adv, s)
+        res = [grpo_loss(model, p.draw_prompts, p.rollout, torch.tensor(a), think=p.think, cfg=s.flow.cfg,
+                         loss=replace(s.loss, mode="rt2i")) for p, a in zip(pays, adv)]
+        cold = groups_loss(model, [replace(pays[0], think=replace(pays[0].think, temperature=1.0))], adv[:1], s)[1]
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(saved[n])
+    with_text, without = res
+    assert with_text.text is not None and without.text is None
+    assert stats["groups"] == 2
+    assert stats["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx((float(with_text.loss.detach()) + float(without.loss.detach())) / 2, rel=1e-5)
+    assert stats["image_ratio_min"] == pytest.approx(min(r.image.ratio_min for r in res), rel=1e-6)
+    assert stats["image_ratio_max"] == pytest.approx(max(r.image.ratio_max for r in res), rel=1e-6)
+    assert stats["image_ratio_max"] != 1.0                 # the weights moved: off policy
+    assert stats["text_ratio_min"] == pytest.approx(with_text.text.ratio_min, rel=1e-6)
+    assert stats["text_ratio_max"] == pytest.approx(with_text.text.ratio_max, rel=1e-6)
+    assert stats["text_clip_frac"] == pytest.approx(with_text.text.clipfrac / 2, abs=1e-9) and stats["text_clip_frac"] > 0
+    # each group is recomputed at the temperature it was sampled with: scored at 1.0 its plan's ratio moves
+    assert abs(cold["text_ratio_min"] - stats["text_ratio_min"]) > 1e-4
+    assert stats["text_kl"] == pytest.approx(with_text.text.kl / 2, abs=1e-9)
+    assert stats["image_clip_frac"] == pytest.approx((with_text.image.clipfrac + without.image.clipfrac) / 2)
+    think = pays[0].rollout.think
+    assert stats["think_entropy"] == pytest.approx(float(-think.logp[think.mask].mean()), rel=1e-6)   # plans only
+    assert stats["think_entropy"] > 0
+
+
+def test_policy_settings_evaluate_deterministically_with_the_eval_options(small):
+    from grpo.groups import policy_settings
+    cfg, _, _ = small
+    s = policy_settings(cfg.policy, cfg.trainer.loss, eval_steps=7, eval_cfg_scale=2.5, eval_think_temperature=0.3,
+                        eval_think=True)
+    assert s.think == cfg.policy.think and s.flow == cfg.policy.flow and s.edit_guidance == cfg.policy.edit_cfg
+    assert (s.eval_think.temperature, s.eval_think.top_p) == (0.3, 1.0)
+    assert s.eval_flow.num_steps == 7 and s.eval_flow.noise_level == 0.0 and s.eval_flow.shared_start is False
+    assert s.eval_flow.cfg.text_scale == 2.5 and s.eval_flow.cfg.image_scale == cfg.policy.flow.cfg.image_scale
+    assert s.flow.num_steps == cfg.policy.flow.num_steps                 # training keeps its own sampler
+    from dataclasses import replace
+    sampled = replace(cfg.policy, think=replace(cfg.policy.think, top_p=0.9), flow=replace(cfg.policy.flow,
+                                                                                           shared_start=True))
+    s2 = policy_settings(sampled, cfg.trainer.loss, eval_steps=7, eval_cfg_scale=2.5, eval_think_temperature=0.3,
+                         eval_think=True)
+    assert s2.eval_think.top_p == 1.0 and s2.eval_flow.shared_start is False and s2.flow.shared_start is True
+    assert policy_settings(sampled, cfg.trainer.loss, eval_steps=7, eval_cfg_scale=2.5, eval_think_temperature=0.3,
+                           eval_think=False).eval_think is None
+    off = replace(sampled, think=replace(sampled.think, enabled=False))
+    s3 = policy_settings(off, cfg.trainer.loss, eval_steps=7, eval_cfg_scale=2.5, eval_think_temperature=0.3,
+                         eval_think=True)
+    assert s3.think is None and s3.eval_think is None
+
+
+def test_images_are_the_final_latents_decoded_to_uint8_and_carry_the_policy_version(small):
+    from grpo.groups import to_uint8
+    cfg, model, prompter = small
+    s = settings_from(cfg)
+    req = GroupRequest(index=0, prompt=_request().prompt, group_size=2, seed=4, policy_version=7)
+    _, pay, images = sample_group(model, prompter, req, s)
+    assert pay.rollout.policy_version == 7
+    with torch.no_grad():
+        px = model.tokens_to_image(pay.rollout.flow.latents[-1].float(), pay.rollout.hw)
+    want = np.clip(np.rint((px.numpy().transpose(0, 2, 3, 1) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(images, want)
+    ramp = torch.linspace(-1.5, 1.5, 7)                 # outside [-1, 1] clamps to 0 / 255
+    tokens = torch.zeros(1, 1, 1)
+
+    class Fixed:
+        def tokens_to_image(self, latents, hw):
+            return ramp.view(1, 1, 1, 7).expand(1, 3, 1, 7)
+    got = to_uint8(Fixed(), tokens, (1, 7))
+    assert got.shape == (1, 1, 7, 3) and got.dtype == np.uint8
+    assert got[0, 0, :, 0].tolist() == [0, 0, 64, 128, 191, 255, 255]

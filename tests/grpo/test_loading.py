@@ -79,3 +79,30 @@ def test_the_prompter_check_names_the_config_file_the_ids_came_from(tiny_dir, fo
     cfg.tokens.eos += 1
     with pytest.raises(CheckpointError, match=rf"gives eos .* but .*{config_file}"):
         load_prompter(checkpoint, cfg)
+
+
+def test_policy_config_bounds_and_messages_name_the_nested_key():
+    from umm.config import ConfigError
+    ok = PolicyConfig()
+    assert ok.validate() is ok
+    replace(ok, canvas_size=1).validate()
+    for bad, message in [(replace(ok, canvas_size=0), r"^policy\.canvas_size: must be >= 1, got 0"),
+                         (replace(ok, lora=LoRASection(enabled=True, rank=0)), r"^policy\.lora\.rank"),
+                         (replace(ok, think=replace(ok.think, top_p=0.0)), r"^policy\.think\.top_p"),
+                         (replace(ok, flow=replace(ok.flow, shift=0.0)), r"^policy\.flow\.shift"),
+                         (replace(ok, edit_cfg=replace(ok.edit_cfg, image_scale=0.5)), r"^policy\.edit_cfg\.image_scale")]:
+        with pytest.raises(ConfigError, match=message):
+            bad.validate()
+    replace(ok, lora=LoRASection(enabled=False, rank=0)).validate()     # LoRA off: its settings are not read
+
+
+def test_sampler_defaults_are_the_methods():
+    """../shared/method-facts.md: edits are guided with text 4 and image 1.5-2, text-channel renorm; SRR's
+    refinement: 40 steps, shift 3, an SDE window of 5 starting within the first 15 steps, noise level
+    0.7, CFG text 4.0 / image 2.0."""
+    from grpo.srr import SRRConfig
+    edit = PolicyConfig().edit_cfg
+    assert (edit.text_scale, edit.image_scale, edit.renorm_type) == (4.0, 1.5, "text_channel")
+    f = SRRConfig().flow
+    assert (f.num_steps, f.shift, f.window_size, f.window_start, f.noise_level) == (40, 3.0, 5, (0, 14), 0.7)
+    assert (f.cfg.text_scale, f.cfg.image_scale, f.cfg.renorm_type) == (4.0, 2.0, "text_channel")

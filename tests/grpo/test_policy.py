@@ -172,6 +172,13 @@ def test_kl_to_the_base_weights_is_zero_at_init_and_pulls_back_after_drift():
     cfg = LossConfig(image_kl_weight=1.0, text_kl_weight=1.0)
     res = grpo_loss(model, prompts, ro, torch.zeros(2), think=THINK, cfg=FLOW.cfg, loss=cfg)
     assert res.image.kl > 0 and res.text.kl > 0
+    from grpo.groups import GroupPayload, PolicySettings, groups_loss   # the trainer's step reports both KLs
+    settings = PolicySettings(think=THINK, flow=FLOW, loss=cfg, canvas_size=4, edit_guidance=FLOW.cfg,
+                              eval_think=None, eval_flow=FLOW)
+    _, stats = groups_loss(model, [GroupPayload(index=0, draw_prompts=prompts, rollout=ro, think=THINK)],
+                           [[0.0, 0.0]], settings)
+    assert stats["image_kl"] == pytest.approx(res.image.kl, rel=1e-5)
+    assert stats["text_kl"] == pytest.approx(res.text.kl, rel=1e-5)
     res.loss.backward()
     params = list(lora_parameters(model).values())
     with torch.no_grad():
@@ -225,3 +232,141 @@ def test_recompute_calls_the_model_alike_whatever_steps_were_trained():
         counts.append(len(calls))
         assert (torch.exp(r.image_logp - ro.flow.logp) - 1).abs().max() < 1e-6
     assert counts[0] == counts[1] == 2          # the conditional and the text-CFG branch, both windows
+
+
+def test_loss_config_bounds_and_messages_name_the_key():
+    from umm.config import ConfigError
+    ok = LossConfig()
+    assert ok.validate() is ok
+    replace(ok, text_clip_low=0.999, text_clip_high=1e-6).validate()
+    for bad, message in [
+        (replace(ok, image_clip=0.0), r"^loss\.image_clip: must be > 0, got 0\.0"),
+        (replace(ok, text_clip_low=0.0), r"^loss\.text_clip_low / text_clip_high: need 0 < low < 1 and high > 0, "
+                                         r"got 0\.0, "),
+        (replace(ok, text_clip_low=1.0), r"^loss\.text_clip_low / text_clip_high"),
+        (replace(ok, text_clip_low=1.5), r"^loss\.text_clip_low / text_clip_high"),
+        (replace(ok, text_clip_high=0.0), r"^loss\.text_clip_low / text_clip_high"),
+        (replace(ok, text_level="word"), r"^loss\.text_level='word': not one of"),
+        (replace(ok, mode="x"), r"^loss\.mode='x': not one of"),
+        (replace(ok, image_kl_weight=-1.0), r"^loss\.image_kl_weight / text_kl_weight: must be >= 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            bad.validate()
+    with pytest.raises(ConfigError, match=r"^trainer\.loss\.image_clip"):
+        replace(ok, image_clip=-1.0).validate("trainer.loss")
+
+
+def test_grpo_loss_is_recompute_then_both_losses_with_every_setting_passed_on():
+    """Off policy, every loss knob away from its default, LoRA for the KL reference: grpo_loss equals the
+    recomputation and the two losses called by hand with those settings."""
+    from grpo.losses import image_ppo_loss, text_grpo_loss, text_weight_for, trajectory_loss
+    from umm.lora import LoRAConfig, apply_lora, lora_parameters
+    torch.manual_seed(0)
+    model = tiny_model()
+    apply_lora(model, LoRAConfig(rank=2, alpha=4))
+    prompts = _prompts(3)
+    think = replace(THINK, temperature=0.7)
+    ro = rollout(model, prompts, hw=HW, think=think, flow=FLOW, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for n, p in lora_parameters(model).items():
+            p.add_(torch.randn_like(p) * 0.2)                # drift: off policy and away from the reference
+    adv = torch.tensor([1.0, -0.5, 0.25])
+    cfg = LossConfig(image_clip=1e-3, text_clip_low=0.01, text_clip_high=0.015, text_level="token", mode="srr",
+                     image_kl_weight=0.3, image_kl_scale="exact", text_kl_weight=0.2)
+    res = grpo_loss(model, prompts, ro, adv, think=think, cfg=FLOW.cfg, loss=cfg)
+    r = recompute(model, prompts, ro, think=think, cfg=FLOW.cfg, reference=True, kl_scale="exact")
+    step, img = image_ppo_loss(r.image_logp.T, ro.flow.logp.T, adv, clip_eps=1e-3, kl=r.image_kl.T, kl_weight=0.3)
+    text, txt = text_grpo_loss(r.text_logp, ro.think.logp, ro.think.mask, adv, level="token", clip_low=0.01,
+                               clip_high=0.015, logp_ref=r.text_logp_ref, kl_weight=0.2)
+    total = trajectory_loss(image_step_loss=step, image_step_mask=torch.ones_like(step, dtype=torch.bool),
+                            text_loss=text, text_weight=text_weight_for("srr", step.shape[1]))
+    assert res.image == img and res.text == txt
+    assert 0 < img.clipfrac < 1 and txt.clipfrac > 0 and img.kl > 0 and txt.kl > 0   # every knob is in play
+    torch.testing.assert_close(res.loss, total)
+    assert res.image_loss == pytest.approx(float(step.mean()), rel=1e-6)
+    assert res.text_loss == pytest.approx(float(text.mean()), rel=1e-6) != 0.0
+    flow_grpo = grpo_loss(model, prompts, ro, adv, think=think, cfg=FLOW.cfg, loss=replace(cfg, image_kl_scale="flow_grpo"))
+    assert flow_grpo.image.kl != pytest.approx(img.kl, rel=1e-3)          # the scale reaches the KL
+    no_plan = rollout(model, prompts, hw=HW, think=None, flow=FLOW, generator=torch.Generator().manual_seed(3))
+    plain = grpo_loss(model, prompts, no_plan, adv, think=None, cfg=FLOW.cfg, loss=cfg)
+    assert plain.text is None and plain.text_loss == 0.0
+
+
+def test_recompute_without_a_think_config_scores_at_temperature_one_and_a_one_token_plan_is_text():
+    torch.manual_seed(0)
+    model = tiny_model()
+    prompts = _prompts(2)
+    ro = _rollout(model, prompts)                            # sampled at temperature 1.0
+    r = recompute(model, prompts, ro, think=None, cfg=FLOW.cfg)
+    torch.testing.assert_close(r.text_logp[ro.think.mask], ro.think.logp[ro.think.mask], rtol=1e-5, atol=1e-5)
+    one = replace(THINK, max_new_tokens=1)
+    ro1 = rollout(model, prompts, hw=HW, think=one, flow=FLOW, generator=torch.Generator().manual_seed(1))
+    assert ro1.think.tokens.shape[1] == 1
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    r1 = recompute(model, prompts, ro1, think=one, cfg=FLOW.cfg)
+    assert r1.text_logp.requires_grad                         # a one-token plan is text the loss trains
+    assert not torch.allclose(r1.text_logp, ro1.think.logp)
+
+
+def test_think_and_flow_config_bounds_and_messages_name_the_key():
+    from umm.config import ConfigError
+    ok_t, ok_f = ThinkConfig(), FlowConfig()
+    for fine in (replace(ok_t, max_new_tokens=1), replace(ok_t, temperature=0.0), replace(ok_t, top_p=1.0),
+                 replace(ok_t, top_p=0.001)):
+        fine.validate()
+    for bad, message in [(replace(ok_t, max_new_tokens=0), r"^think\.max_new_tokens: must be >= 1"),
+                         (replace(ok_t, temperature=-0.1), r"^think\.temperature: must be >= 0"),
+                         (replace(ok_t, top_p=0.0), r"^think\.top_p: must be in \(0, 1\]"),
+                         (replace(ok_t, top_p=1.5), r"^think\.top_p")]:
+        with pytest.raises(ConfigError, match=message):
+            bad.validate()
+    ode = replace(ok_f, num_steps=1, noise_level=0.0, window_size=5, window_start=(0, 9))
+    assert ode.validate() is ode                    # the ODE has no SDE window to fit: any window settings
+    replace(ok_f, noise_level=0.0, window_size=50).validate()
+    for bad, message in [(replace(ok_f, num_steps=0), r"^flow\.num_steps: must be >= 1"),
+                         (replace(ok_f, shift=0.0), r"^flow\.shift: must be > 0"),
+                         (replace(ok_f, noise_level=-0.1), r"^flow\.noise_level: must be >= 0"),
+                         (replace(ok_f, noise_block=0), r"^flow\.noise_block: must be >= 1"),
+                         (replace(ok_f, sigma_at_one="x"), r"^flow\.sigma_at_one='x': not one of"),
+                         (replace(ok_f, noise_level=0.5, window_size=50),
+                          r"^flow\.window_size=50 / flow\.window_start=\[\d+, \d+\] / flow\.num_steps=\d+: "),
+                         (replace(ok_f, cfg=replace(ok_f.cfg, text_scale=0.5)), r"^flow\.cfg\.text_scale")]:
+        with pytest.raises(ConfigError, match=message):
+            bad.validate()
+    with pytest.raises(ConfigError, match=r"^policy\.think\.top_p"):
+        replace(ok_t, top_p=0.0).validate("policy.think")
+
+
+@pytest.mark.parametrize("uses_image", [False, True])
+def test_a_batch_mixing_rows_with_and_without_a_plan_guides_each_row_as_its_own_batch_would(uses_image):
+    from grpo.policy import draw_contexts, prompt_cache, velocity_fn
+    from umm.context import GuidanceContexts, Image, encode_context
+    torch.manual_seed(0)
+    model = tiny_model()
+    cfg = replace(FLOW.cfg, image_scale=2.0 if uses_image else 1.0, renorm_type="text_channel")
+    prompts = _prompts(2)
+    if uses_image:                       # edits: a source image before the instruction (image-CFG drops it)
+        src = Image(pixels=torch.rand(3, 8, 8) * 2 - 1)
+        prompts = [DrawPrompt(prefix=[src, *p.prefix], text=p.text) for p in prompts]
+    plans = [Text(ids=(40, 41, 42)), None]
+    x = torch.randn(2, HW[0] * HW[1], _latent_dim(model))
+    t = torch.full((2,), 0.8)
+    with torch.no_grad():
+        mixed = velocity_fn(model, draw_contexts(model, prompts, prompt_cache(model, prompts), plans, cfg=cfg),
+                            hw=HW, cfg=cfg)(x, t, 0)
+        for row in range(2):            # each row's contexts as their definition reads, encoded alone
+            p, plan = prompts[row], [plans[row]] if plans[row] else []
+            own = GuidanceContexts(full=encode_context(model, [[*p.prefix, p.text, *plan]]),
+                                   no_text=encode_context(model, [p.no_text()]),
+                                   no_image=encode_context(model, [[*p.no_image(), *plan]]) if uses_image else None)
+            alone = velocity_fn(model, own, hw=HW, cfg=cfg)(x[row:row + 1], t[row:row + 1], 0)
+            torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[1])
+
+
+def _latent_dim(model):
+    ro = _rollout(model, _prompts(1))
+    return ro.flow.latents.shape[-1]

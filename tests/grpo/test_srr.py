@@ -146,3 +146,8 @@ def test_pick_initial_shape_checks_and_its_generator():
         draws.append([pick_initial(r, pick="softmax", temperature=1.0, generator=gen) for _ in range(64)])
     assert draws[0] == draws[1]
     assert len(set(draws[0])) > 1
+
+
+def test_pick_initial_default_temperature_is_the_srr_configs():
+    import inspect
+    assert inspect.signature(pick_initial).parameters["temperature"].default == SRRConfig().pick_temperature

@@ -212,3 +212,17 @@ def test_semantic_rules_without_weights_weigh_every_question_once_and_softmin_de
     assert combine_semantic(s, c, rule="mean") == pytest.approx((0.9 + 0.5 + 0.8) / 3, rel=1e-12)
     want = 0.5 - 0.1 * math.log((math.exp(-4.0) + 1.0 + math.exp(-3.0)) / 3)   # docs/dvreward.md: tau 0.1
     assert combine_semantic(s, c, rule="softmin") == pytest.approx(want, rel=1e-12)
+
+
+def test_aggregate_passes_its_semantic_temperature_and_category_weights_on():
+    qs = QuestionSet(prompt="p", prompt_hash=prompt_key("p"), version=V, questions=(
+        Question(id="e", text="e?", kind="semantic", category="existence", parents=()),
+        Question(id="s", text="s?", kind="semantic", category="spatial", parents=()),
+        Question(id="q", text="q?", kind="quality", category="geometry", parents=()),))
+    scores = [0.9, 0.3, 1.0]
+    soft = lambda tau, w: 0.3 - tau * math.log((w * math.exp(-0.6 / tau) + 1.0) / (w + 1.0))  # noqa: E731
+    r = aggregate(qs, scores, semantic="softmin", temperature=0.5, category_weights={"existence": 3.0})
+    assert r.semantic_mean == pytest.approx(soft(0.5, 3.0), rel=1e-12)
+    assert aggregate(qs, scores, semantic="softmin").semantic_mean == pytest.approx(soft(0.1, 1.0), rel=1e-12)
+    w = aggregate(qs, scores, semantic="mean", category_weights={"spatial": 0.0})
+    assert w.semantic_mean == pytest.approx(0.9, rel=1e-12)
