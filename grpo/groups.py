@@ -266,4 +266,4 @@ def groups_loss(model: UnifiedModel, payloads: list[GroupPayload], advantages: l
             image_kl=res.image.kl, text_kl=res.text.kl if res.text else 0.0,
             think_entropy=float(-think.logp[think.mask].mean()) if bool(think.mask.any()) else nan))
     stats = BatchStats.merge(parts)
-    return total, {**asdict(stats), "loss": float(total.detach())}
+    return total, asdict(stats)          # stats.loss: the mean of the groups' losses, i.e. float(total)

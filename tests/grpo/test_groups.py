@@ -206,11 +206,16 @@ def test_groups_loss_stats_are_each_groups_own_loss_merged_off_policy_and_withou
         res = [grpo_loss(model, p.draw_prompts, p.rollout, torch.tensor(a), think=p.think, cfg=s.flow.cfg,
                          loss=replace(s.loss, mode="rt2i")) for p, a in zip(pays, adv)]
         cold = groups_loss(model, [replace(pays[0], think=replace(pays[0].think, temperature=1.0))], adv[:1], s)[1]
+        srr_loss, _ = groups_loss(model, [replace(pays[0], task="srr")], adv[:1], s)     # the payload's own task
+        srr_want = grpo_loss(model, pays[0].draw_prompts, pays[0].rollout, torch.tensor(adv[0]), think=pays[0].think,
+                             cfg=s.flow.cfg, loss=replace(s.loss, mode="srr")).loss
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(saved[n])
     with_text, without = res
+    assert float(srr_loss.detach()) == pytest.approx(float(srr_want.detach()), rel=1e-6)
+    assert float(srr_want.detach()) != pytest.approx(float(with_text.loss.detach()), rel=1e-4)   # srr weighs text apart
     assert with_text.text is not None and without.text is None
     assert stats["groups"] == 2
     assert stats["loss"] == pytest.approx(float(loss.detach()), rel=1e-6)

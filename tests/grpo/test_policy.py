@@ -192,7 +192,7 @@ def test_kl_reference_requires_lora():
     model = tiny_model()
     prompts = _prompts(1)
     ro = _rollout(model, prompts)
-    with pytest.raises(ValueError, match="LoRA"):
+    with pytest.raises(ValueError, match=r"^a KL reference needs LoRA adapters \(the reference is the base weights\)$"):
         recompute(model, prompts, ro, think=THINK, cfg=FLOW.cfg, reference=True)
 
 
@@ -341,7 +341,8 @@ def test_think_and_flow_config_bounds_and_messages_name_the_key():
 
 
 @pytest.mark.parametrize("uses_image", [False, True])
-def test_a_batch_mixing_rows_with_and_without_a_plan_guides_each_row_as_its_own_batch_would(uses_image):
+@pytest.mark.parametrize("which", ["mixed", "none", "all"])
+def test_contexts_of_rows_with_and_without_a_plan_guide_each_row_by_the_definition(uses_image, which):
     from grpo.policy import draw_contexts, prompt_cache, velocity_fn
     from umm.context import GuidanceContexts, Image, encode_context
     torch.manual_seed(0)
@@ -351,7 +352,8 @@ def test_a_batch_mixing_rows_with_and_without_a_plan_guides_each_row_as_its_own_
     if uses_image:                       # edits: a source image before the instruction (image-CFG drops it)
         src = Image(pixels=torch.rand(3, 8, 8) * 2 - 1)
         prompts = [DrawPrompt(prefix=[src, *p.prefix], text=p.text) for p in prompts]
-    plans = [Text(ids=(40, 41, 42)), None]
+    plans = {"mixed": [Text(ids=(40, 41, 42)), None], "none": [None, None],
+             "all": [Text(ids=(40, 41, 42)), Text(ids=(43,))]}[which]
     x = torch.randn(2, HW[0] * HW[1], _latent_dim(model))
     t = torch.full((2,), 0.8)
     with torch.no_grad():

@@ -149,5 +149,7 @@ def test_pick_initial_shape_checks_and_its_generator():
 
 
 def test_pick_initial_default_temperature_is_the_srr_configs():
-    import inspect
-    assert inspect.signature(pick_initial).parameters["temperature"].default == SRRConfig().pick_temperature
+    r = torch.tensor([0.5, 0.45, 0.4, 0.55])
+    draws = lambda **kw: [pick_initial(r, pick="softmax", generator=g, **kw)  # noqa: E731
+                          for g in [torch.Generator().manual_seed(0)] for _ in range(200)]
+    assert draws() == draws(temperature=SRRConfig().pick_temperature) != draws(temperature=1.0)
