@@ -41,12 +41,3 @@ def critique_kind(text: str) -> str:
     if parse_plan(text).objects:
         return "description"
     return "other"
-
-
-def kind_shares(critiques: list[str]) -> dict[str, float]:
-    """The share of each kind among `critiques` (every kind present, 0.0 for an empty list)."""
-    counts = dict.fromkeys(KINDS, 0)
-    for c in critiques:
-        counts[critique_kind(c)] += 1
-    n = len(critiques)
-    return {k: (v / n if n else 0.0) for k, v in counts.items()}

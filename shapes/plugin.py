@@ -103,6 +103,12 @@ class ShapesJudge:
         from shapes.plans import plan_is_right
         return plan_is_right(plan, prompt.meaning)
 
+    def critique_kind(self, critique: str) -> str:
+        """What an SRR reflection is: "instruction", "description", "answer" or "other" (shapes.critiques).
+        Analysis, never a reward."""
+        from shapes.critiques import critique_kind
+        return critique_kind(critique)
+
 
 class ShapesWorld:
     name = "shapes"

@@ -7,7 +7,8 @@
                    never the reward; `summary` turns (category, verdict) pairs into the numbers the
                    world reports (e.g. a GenEval-style mean); optionally `plan_is_right(plan, prompt)`
                    (does a written plan state the request?), which splits failures into the plan's and
-                   the drawing's
+                   the drawing's; optionally `critique_kind(text)` (what an SRR reflection is: "instruction",
+                   "description", "answer" or "other")
 
 A prompt file is the world-less source (worlds.files); the shapes world is one plugin (shapes.plugin).
 """

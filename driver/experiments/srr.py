@@ -24,7 +24,9 @@ from driver.config import load
 from driver.experiments.results import command_line, machine, write_section
 from driver.refine import run as refine_run
 from driver.sync import train_sync
-from shapes.critiques import kind_shares
+from worlds.load import load_world
+
+KINDS = ("instruction", "description", "answer", "other")
 
 BASE = ["trainer.mode=sync", "tasks.rt2i=0.5", "tasks.srr=0.5", "eval.enabled=false", "run.out_dir=runs/experiments"]
 HELDOUT = "data.heldout.options={families: [single_object, two_objects, counting, colors, position, color_attr, " \
@@ -36,14 +38,18 @@ def evaluate(checkpoint: str, per_category: int, overrides: list[str], out: Path
     cfg = load(BASE + [HELDOUT, f"policy.checkpoint={checkpoint}", f"eval.prompts_per_category={per_category}",
                        "eval.images_per_prompt=1", *overrides])
     summary = refine_run(cfg, out_dir=out)
-    return summary | critique_shares(out / "results.jsonl")
+    judge = load_world(cfg.data.heldout.source, key="data.heldout.source").judge()
+    return summary | critique_shares(out / "results.jsonl", judge.critique_kind)
 
 
-def critique_shares(results: Path) -> dict[str, float]:
-    """The share of each critique kind among every critique in driver.refine's results.jsonl."""
+def critique_shares(results: Path, kind) -> dict[str, float]:
+    """The share of each critique kind (`kind`: the world judge's critique_kind) among every critique in
+    driver.refine's results.jsonl."""
     critiques = [c for line in results.read_text().splitlines() if line.strip()
                  for c in json.loads(line)["critiques"]]
-    return {f"critiques/{k}": v for k, v in kind_shares(critiques).items()} | {"critiques/n": len(critiques)}
+    kinds = [kind(c) for c in critiques]
+    return {f"critiques/{k}": (kinds.count(k) / len(kinds) if kinds else 0.0) for k in KINDS} | \
+        {"critiques/n": len(kinds)}
 
 
 def row(name: str, m: dict[str, float], minutes: float | None) -> str:

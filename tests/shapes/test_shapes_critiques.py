@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from shapes.critiques import EDIT_VERBS, critique_kind, kind_shares
+from shapes.critiques import EDIT_VERBS, critique_kind
 from shapes.edits import make_edit
 from shapes.layout import sample_scene
 from shapes.prompts import generate
@@ -49,7 +49,8 @@ def test_edit_verbs_are_the_first_words_of_the_worlds_edit_templates():
     assert not {"a", "the", "yes", "no", "circle"} & EDIT_VERBS
 
 
-def test_kind_shares_count_each_kind():
-    shares = kind_shares(["assistant yes", "a red circle", "make the circle blue", "a square"])
-    assert shares == {"instruction": 0.25, "description": 0.5, "answer": 0.25, "other": 0.0}
-    assert kind_shares([]) == {"instruction": 0.0, "description": 0.0, "answer": 0.0, "other": 0.0}
+def test_the_world_judge_reads_critiques_for_the_driver():
+    from shapes.plugin import ShapesJudge
+    judge = ShapesJudge()
+    assert [judge.critique_kind(t) for t in ("assistant yes", "a red circle", "make the circle blue", "the")] == \
+        ["answer", "description", "instruction", "other"]
