@@ -228,15 +228,13 @@ class BatchStats:
         """Ranks' stats as one step's: means weighted by groups, min of minima, max of maxima; the plan's
         entropy over the groups that wrote one."""
         n = sum(p.groups for p in parts)
-        mean = lambda k: sum(getattr(p, k) * p.groups for p in parts) / n  # noqa: E731
+        mean = lambda k, ps=parts: sum(getattr(p, k) * p.groups for p in ps) / sum(p.groups for p in ps)  # noqa: E731
         nanmin = lambda k: min((getattr(p, k) for p in parts if getattr(p, k) == getattr(p, k)),  # noqa: E731
                                default=float("nan"))
         nanmax = lambda k: max((getattr(p, k) for p in parts if getattr(p, k) == getattr(p, k)),  # noqa: E731
                                default=float("nan"))
         wrote = [p for p in parts if p.think_entropy == p.think_entropy]      # groups that wrote a plan
-        entropy = (sum(p.think_entropy * p.groups for p in wrote) / sum(p.groups for p in wrote) if wrote
-                   else float("nan"))
-        return BatchStats(groups=n, think_entropy=entropy,
+        return BatchStats(groups=n, think_entropy=mean("think_entropy", wrote) if wrote else float("nan"),
                           **{k: mean(k) for k in ("loss", "image_loss", "text_loss", "image_clip_frac",
                                                   "text_clip_frac", "image_kl", "text_kl")},
                           image_ratio_min=nanmin("image_ratio_min"), image_ratio_max=nanmax("image_ratio_max"),

@@ -14,8 +14,6 @@ import re
 
 from shapes.edits import TEMPLATES
 from shapes.plans import parse_plan
-
-KINDS: tuple[str, ...] = ("instruction", "description", "answer", "other")
 # the words an edit instruction starts with: the first word of every edit template ("make", "add", ...)
 EDIT_VERBS: frozenset[str] = frozenset(t.split()[0] for templates in TEMPLATES.values() for t in templates)
 ROLE_WORDS = ("assistant", "user", "system")
@@ -24,7 +22,7 @@ ROLE_WORDS = ("assistant", "user", "system")
 def critique_kind(text: str) -> str:
     """"instruction" when a clause (the text, or a part of it between think markers) starts with an edit
     verb; else "answer" for a bare yes / no; "description" when it names a shape; "other" otherwise.
-    Role words are ignored."""
+    Role words are ignored. One of worlds.base.CRITIQUE_KINDS."""
     tokens = [t for t in re.findall(r"</?think>|[a-z]+", text.lower()) if t not in ROLE_WORDS]
     clauses, clause = [], []
     for t in tokens + ["<think>"]:

@@ -22,6 +22,7 @@ import numpy as np
 from worlds.records import PromptRecord
 
 ENTRY_POINT_GROUP = "alphagrpo.worlds"
+CRITIQUE_KINDS: tuple[str, ...] = ("instruction", "description", "answer", "other")   # Judge.critique_kind's answers
 
 
 class PromptSource(Protocol):

@@ -24,9 +24,8 @@ from driver.config import load
 from driver.experiments.results import command_line, machine, write_section
 from driver.refine import run as refine_run
 from driver.sync import train_sync
+from worlds.base import CRITIQUE_KINDS
 from worlds.load import load_world
-
-KINDS = ("instruction", "description", "answer", "other")
 
 BASE = ["trainer.mode=sync", "tasks.rt2i=0.5", "tasks.srr=0.5", "eval.enabled=false", "run.out_dir=runs/experiments"]
 HELDOUT = "data.heldout.options={families: [single_object, two_objects, counting, colors, position, color_attr, " \
@@ -48,7 +47,7 @@ def critique_shares(results: Path, kind) -> dict[str, float]:
     critiques = [c for line in results.read_text().splitlines() if line.strip()
                  for c in json.loads(line)["critiques"]]
     kinds = [kind(c) for c in critiques]
-    return {f"critiques/{k}": (kinds.count(k) / len(kinds) if kinds else 0.0) for k in KINDS} | \
+    return {f"critiques/{k}": (kinds.count(k) / len(kinds) if kinds else 0.0) for k in CRITIQUE_KINDS} | \
         {"critiques/n": len(kinds)}
 
 

@@ -54,3 +54,5 @@ def test_the_world_judge_reads_critiques_for_the_driver():
     judge = ShapesJudge()
     assert [judge.critique_kind(t) for t in ("assistant yes", "a red circle", "make the circle blue", "the")] == \
         ["answer", "description", "instruction", "other"]
+    from worlds.base import CRITIQUE_KINDS
+    assert sorted(CRITIQUE_KINDS) == ["answer", "description", "instruction", "other"]   # the interface's words
